@@ -1,0 +1,155 @@
+"""`larcq-ray`: a thin command line over the library. Each stage is also a Ray job entrypoint
+(`python -m jobs.<stage> --config ...`), which calls the same functions.
+
+Errors the user can fix print as one message and exit 2; nothing prints a traceback unless
+--debug is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from larcq_ray.errors import LarcqError
+
+log = logging.getLogger("larcq_ray")
+
+
+def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", required=config_required, help="pipeline YAML (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set index.batch_size=8 (repeatable)")
+    p.add_argument("--run-dir", help="override run_dir")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="larcq-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in [
+        ("index", "decode, chunk and embed a corpus into a Parquet index"),
+        ("search", "embed the queries and score every indexed audio (shortlist.parquet)"),
+        ("evaluate", "R@k, mAP@10 and ranks per scoring mode (metrics.json, report.md)"),
+        ("run", "index -> search -> evaluate from one config"),
+    ]:
+        _add_common(sub.add_parser(name, help=help_))
+    demo = sub.add_parser("demo", help="offline demo: synthetic benchmark + tiny CLAP + the whole pipeline")
+    demo.add_argument("--out", required=True, help="folder for the benchmark, model and run")
+    demo.add_argument("--audios", type=int, default=16, help="number of long audios")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    return parser
+
+
+def _config(args):
+    from larcq_ray.config import load_config
+
+    overrides = list(args.set)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    return load_config(args.config, overrides)
+
+
+def cmd_index(cfg) -> None:
+    from larcq_ray.config import dump_config
+    from larcq_ray.index_pipeline import run_index
+    from larcq_ray.inputs import check_queries_against_corpus, corpus_root, list_corpus, queries_csv_path, read_queries
+
+    refs = list_corpus(cfg.data)
+    if cfg.data.benchmark or cfg.data.queries_csv:  # fail before hours of indexing, not after
+        check_queries_against_corpus(read_queries(queries_csv_path(cfg.data)), {r.audio_id for r in refs},
+                                     corpus_root(cfg.data))
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    log.info("indexing %d files from %s into %s", len(refs), corpus_root(cfg.data), Path(cfg.run_dir) / "index")
+    t0 = time.time()
+    summary = run_index(cfg, refs)
+    for line in summary.lines():
+        log.info(line)
+    log.info("index done in %.1f s", time.time() - t0)
+
+
+def cmd_search(cfg) -> None:
+    from larcq_ray.search import run_search
+
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    meta = run_search(cfg)
+    log.info("searched %d queries over %d audios (%s); shortlist: %s", meta["n_queries"], meta["n_audios"],
+             ", ".join(meta["modes"]), Path(cfg.run_dir) / "shortlist.parquet")
+
+
+def cmd_evaluate(cfg) -> None:
+    from larcq_ray.evaluate import run_evaluate
+
+    metrics = run_evaluate(cfg.run_dir)
+    log.info("%-22s %7s %7s %7s %8s %9s", "mode", "R@1", "R@5", "R@10", "mAP@10", "mean rank")
+    for mode, m in metrics.items():
+        log.info("%-22s %7.2f %7.2f %7.2f %8.2f %9.2f", mode, m["R@1"], m["R@5"], m["R@10"], m["mAP@10"], m["mean_rank"])
+    log.info("report: %s", Path(cfg.run_dir) / "report.md")
+
+
+def cmd_run(cfg) -> None:
+    cmd_index(cfg)
+    cmd_search(cfg)
+    cmd_evaluate(cfg)
+
+
+def cmd_demo(args) -> None:
+    from larcq_ray.demo import run_demo
+
+    run_demo(Path(args.out), n_audios=args.audios, seed=args.seed, address=args.address)
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The LarcqError message behind an exception, also when Ray wrapped it in a task error."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, LarcqError):
+            return str(e)
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    text = str(exc)
+    if "LarcqError: " in text:
+        return text.split("LarcqError: ", 1)[1].strip().splitlines()[0]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("larcq_ray").setLevel(logging.INFO)
+    for noisy in ("transformers", "ray", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        if args.command == "demo":
+            cmd_demo(args)
+        else:
+            cfg = _config(args)
+            {"index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "run": cmd_run}[args.command](cfg)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: committed index parts are kept; re-run to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages
+        if args.debug:
+            raise
+        msg = user_message(e)
+        if msg is None:
+            msg = f"internal error: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}" \
+                  " (re-run with --debug for the traceback)"
+        print(f"larcq-ray {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

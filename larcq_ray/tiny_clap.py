@@ -1,0 +1,97 @@
+"""Build a small CLAP offline: real transformers classes, small sizes, a BPE trained on given text.
+
+No machine here reaches a model hub, so the demo and the tests build their model with this
+and then load it through the same `from_pretrained` path as `laion/clap-htsat-fused`.
+The weights are random: retrieval with it is at chance level, and its model card says so.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from larcq_ray.clap import MIN_VOCAB
+from larcq_ray.errors import LarcqError
+
+MODEL_CARD = "larcq_model_card.json"
+_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa ids 0..4: bos, pad, eos, unk, mask
+
+
+def build_tiny_clap(
+    out_dir: str | Path,
+    texts: list[str],
+    *,
+    fusion: bool = True,
+    seed: int = 0,
+    vocab_size: int = 1000,
+    dim: int = 64,
+    max_text_tokens: int = 77,
+) -> Path:
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not texts:
+        raise LarcqError("build_tiny_clap needs some text to train its tokenizer on")
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=_SPECIALS)
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.save_model(tmp)  # vocab.json + merges.txt, the files RoBERTa's tokenizer reads
+        tokenizer = RobertaTokenizer.from_pretrained(tmp, model_max_length=max_text_tokens)
+    if len(tokenizer) < MIN_VOCAB:
+        raise LarcqError(f"tiny tokenizer has only {len(tokenizer)} entries: give it more text")
+
+    # truncation must match the audio tower: fusion input for a fused model, plain crops otherwise.
+    extractor = ClapFeatureExtractor(truncation="fusion" if fusion else "rand_trunc")
+    config = ClapConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=dim,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=2 * dim,
+            max_position_embeddings=max_text_tokens + 2,
+            projection_dim=dim,
+        ),
+        audio_config=dict(
+            depths=[1, 1, 1, 1],
+            num_attention_heads=[1, 1, 2, 2],
+            patch_embeds_hidden_size=8,
+            hidden_size=64,  # = patch_embeds_hidden_size * 2**(len(depths) - 1)
+            projection_dim=dim,
+            enable_fusion=fusion,
+        ),
+        projection_dim=dim,
+    )
+    torch.manual_seed(seed)
+    model = ClapModel(config).eval()
+    model.save_pretrained(out)
+    ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
+    (out / MODEL_CARD).write_text(
+        json.dumps(
+            {
+                "built_by": "larcq_ray.tiny_clap.build_tiny_clap",
+                "trained": False,
+                "note": "random weights: retrieval figures with this model are at chance level",
+                "fusion": fusion,
+                "seed": seed,
+            },
+            indent=2,
+        )
+    )
+    return out
+
+
+def read_model_card(name_or_path: str) -> dict:
+    """The larcq_ray model card of a local model folder, or {} (hub models have none)."""
+    p = Path(name_or_path) / MODEL_CARD
+    if p.is_file():
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return {}
+    return {}

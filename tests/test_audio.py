@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import tone, write_bad_audio
+from larcq_ray.audio import decode_audio
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    return d, write_bad_audio(d)
+
+
+def test_each_kind_of_bad_audio_gets_its_reason(bad_dir):
+    d, expect = bad_dir
+    for name, kind in expect.items():
+        out = decode_audio(d / name, 48000)
+        if kind:
+            assert out.status == "failed", name
+            assert out.error.startswith(kind + ":"), (name, out.error)
+            assert out.samples is None
+        else:
+            assert out.status == "ok", (name, out.error)
+            assert out.samples.dtype == np.float32 and out.samples.ndim == 1
+            assert np.isfinite(out.samples).all()
+
+
+def test_warnings_say_what_was_done(bad_dir):
+    d, _ = bad_dir
+    assert "downmixed 2 channels" in decode_audio(d / "stereo.flac", 48000).warnings[0]
+    assert "low sample rate 7350" in decode_audio(d / "odd_rate.wav", 48000).warnings[0]
+    tr = decode_audio(d / "truncated.wav", 48000)
+    assert tr.warnings and tr.warnings[0].startswith("truncated: header declares 96000 frames")
+
+
+def test_resampling_keeps_duration_and_content(tmp_path):
+    sf.write(tmp_path / "a.wav", tone(2.0, 16000, freq=1000), 16000)
+    out = decode_audio(tmp_path / "a.wav", 48000)
+    assert out.sample_rate == 16000 and abs(out.duration_s - 2.0) < 1e-6
+    assert len(out.samples) == 96000
+    spec = np.abs(np.fft.rfft(out.samples))
+    assert abs(np.argmax(spec) * 48000 / len(out.samples) - 1000) < 2  # the tone survives at 1 kHz
+
+
+def test_missing_file(tmp_path):
+    out = decode_audio(tmp_path / "nope.wav", 48000)
+    assert out.status == "failed" and out.error.startswith("missing:")

@@ -1,0 +1,119 @@
+"""The Ray Data index job on real files: bad input, resume, crash leftovers."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from conftest import tone, write_bad_audio
+from larcq_ray.audio import decode_audio
+from larcq_ray.clap import AudioFeaturizer, ClapAudioEncoder
+from larcq_ray.config import PipelineConfig
+from larcq_ray.errors import LarcqError
+from larcq_ray.index_pipeline import run_index
+from larcq_ray.index_store import IndexStore
+
+
+def make_cfg(run_dir, corpus, model, **index):
+    return PipelineConfig.model_validate({
+        "run_dir": str(run_dir),
+        "data": {"corpus": str(corpus)},
+        "model": {"name_or_path": str(model), "device": "cpu"},
+        "index": {"batch_size": 4, "files_per_decode_task": 2, "commit_every_files": 2,
+                  "chunking": {"mode": "fixed", "window_s": 2.0, "min_chunk_s": 0.5}, **index},
+    })
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    expect = write_bad_audio(d)
+    sf.write(d / "long.flac", tone(7.0, 32000, freq=880), 32000)  # 4 fixed chunks of 2 s (last 1 s)
+    expect["long.flac"] = ""
+    return d, expect
+
+
+def test_every_file_ends_as_a_row_and_bad_ones_say_why(ray_session, tiny_clap, corpus, tmp_path):
+    d, expect = corpus
+    summary = run_index(make_cfg(tmp_path / "run", d, tiny_clap), show_progress=False)
+    assert summary.indexed == sum(1 for k in expect.values() if not k)
+    assert summary.failed == sum(1 for k in expect.values() if k)
+    assert summary.lines()[0].startswith(f"{summary.indexed} indexed, {summary.failed} failed")
+
+    store = IndexStore(tmp_path / "run" / "index")
+    files = store.read_files().to_pandas().set_index("audio_id")
+    assert sorted(files.index) == sorted(expect)
+    for aid, kind in expect.items():
+        row = files.loc[aid]
+        if kind:
+            assert row.status == "failed" and row.error.startswith(kind), (aid, row.error)
+        else:
+            assert row.status == "ok" and row.error == "", (aid, row.error)
+    assert "downmixed" in files.loc["stereo.flac", "warning"]
+    assert files.loc["stereo.flac", "channels"] == 2 and files.loc["odd_rate.wav", "sample_rate"] == 7350
+
+    chunks = store.read_chunks().to_pandas()
+    assert set(chunks.audio_id) == {a for a, k in expect.items() if not k}
+    long = chunks[chunks.audio_id == "long.flac"].sort_values("chunk_index")
+    assert long.chunk_index.tolist() == [-1, 0, 1, 2, 3]  # whole file + 4 windows
+    assert np.allclose(long.start_s, [0, 0, 2, 4, 6]) and np.allclose(long.end_s, [7, 2, 4, 6, 7])
+    assert files.loc["long.flac", "n_chunks"] == 4
+    assert not chunks.duplicated(["audio_id", "chunk_index"]).any()
+
+    # The pipeline's embedding equals the model applied directly to the same window.
+    fz = AudioFeaturizer(str(tiny_clap))
+    x = decode_audio(d / "long.flac", fz.sample_rate).samples
+    f = fz(x[2 * 48000: 4 * 48000])
+    direct = ClapAudioEncoder(str(tiny_clap), device="cpu")(f.input_features[None], np.array([f.is_longer]))[0]
+    got = np.asarray(long[long.chunk_index == 1].embedding.iloc[0], dtype=np.float32)
+    np.testing.assert_allclose(got, direct, atol=1e-5)
+
+
+def test_resume_skips_done_files_and_never_duplicates(ray_session, tiny_clap, tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    for i in range(3):
+        sf.write(d / f"a{i}.wav", tone(3.0, 48000, freq=300 + 100 * i), 48000)
+    cfg = make_cfg(tmp_path / "run", d, tiny_clap)
+    first = run_index(cfg, show_progress=False)
+    assert (first.indexed, first.skipped) == (3, 0)
+    again = run_index(cfg, show_progress=False)
+    assert (again.indexed, again.failed, again.skipped) == (0, 0, 3)
+
+    # A crash mid-commit leaves a chunks part without its files part: it is cleaned up.
+    store = IndexStore(tmp_path / "run" / "index")
+    orphan = store.chunks_dir / "part-000099.parquet"
+    pq.write_table(store.read_chunks().slice(0, 1), orphan)
+    sf.write(d / "new.wav", tone(3.0, 48000, freq=1234), 48000)
+    third = run_index(cfg, show_progress=False)
+    assert (third.indexed, third.skipped) == (1, 3)
+    assert not orphan.exists()
+    files = store.read_files().to_pandas()
+    chunks = store.read_chunks().to_pandas()
+    assert sorted(files.audio_id) == ["a0.wav", "a1.wav", "a2.wav", "new.wav"]
+    assert not chunks.duplicated(["audio_id", "chunk_index"]).any()
+    emb = store.load_embeddings()
+    assert emb.audio_ids == ["a0.wav", "a1.wav", "a2.wav", "new.wav"]
+    assert emb.whole_emb.shape == (4, 64) and list(np.diff(emb.chunk_offsets)) == [2, 2, 2, 2]
+
+
+def test_resume_with_other_settings_is_refused(ray_session, tiny_clap, tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    sf.write(d / "a.wav", tone(3.0, 48000), 48000)
+    run_index(make_cfg(tmp_path / "run", d, tiny_clap), show_progress=False)
+    other = make_cfg(tmp_path / "run", d, tiny_clap, chunking={"mode": "equal", "window_s": 2.0})
+    with pytest.raises(LarcqError, match="built with other settings.*chunking"):
+        run_index(other, show_progress=False)
+
+
+def test_chunking_none_indexes_whole_files_only(ray_session, tiny_clap, tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    sf.write(d / "a.wav", tone(14.0, 48000), 48000)  # > 10 s: the fusion branch
+    cfg = make_cfg(tmp_path / "run", d, tiny_clap, chunking={"mode": "none"}, whole_file=False)
+    assert run_index(cfg, show_progress=False).indexed == 1
+    emb = IndexStore(tmp_path / "run" / "index").load_embeddings()
+    assert emb.chunk_emb.shape == (1, 64) and emb.whole_emb.shape == (1, 64)
+    np.testing.assert_allclose(emb.chunk_emb[0], emb.whole_emb[0])
