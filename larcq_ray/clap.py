@@ -24,6 +24,14 @@ MIN_VOCAB = 50
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
+def quiet_transformers() -> None:
+    """Per-process: weight-loading progress bars from every Ray worker flood a job's log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _hub_hint(name_or_path: str) -> str:
     if Path(name_or_path).exists():
         return ""
@@ -74,6 +82,7 @@ def load_clap_model(name_or_path: str, device: str = "auto", dtype: str = "float
     import torch
     from transformers import ClapModel
 
+    quiet_transformers()
     dev = resolve_device(device)
     torch_dtype = getattr(torch, _DTYPES[dtype])
     model = _load(

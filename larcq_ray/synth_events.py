@@ -32,6 +32,8 @@ MIN_EVENT_S = 0.02  # shorter is not a sound event, and a few samples of a sine 
 _TABLE_BITS = 16
 _TABLE_SIZE = 1 << _TABLE_BITS
 _TABLE_MASK = _TABLE_SIZE - 1
+_PHASE_FRAC_BITS = 32  # oscillator phase is fixed-point: 1 cycle == 2**32
+_PHASE_ONE = 1 << _PHASE_FRAC_BITS
 
 
 @dataclass(frozen=True)
@@ -56,31 +58,59 @@ def _wavetable(harmonics: tuple[float, ...]) -> np.ndarray:
     return wave.astype(np.float32)
 
 
-def _osc(cycles: np.ndarray, harmonics: tuple[float, ...] = (1.0,)) -> np.ndarray:
-    """Wavetable oscillator: `cycles` is the running phase in cycles (float64 for precision)."""
-    idx = (cycles * _TABLE_SIZE).astype(np.int64) & _TABLE_MASK  # & also wraps negative phases
-    return _wavetable(harmonics)[idx]
+def _osc(phase: np.ndarray, harmonics: tuple[float, ...] = (1.0,)) -> np.ndarray:
+    """Wavetable oscillator over a fixed-point phase (see _steady_phase).
+
+    Consumes `phase` (turned into table indices in place): no multi-MB temporaries.
+    """
+    phase >>= _PHASE_FRAC_BITS - _TABLE_BITS
+    phase &= _TABLE_MASK  # wraps whole cycles, negative phases included
+    return _wavetable(harmonics)[phase]
 
 
-def _steady_cycles(freq_hz: float, n: int, sr: int, offset: float = 0.0) -> np.ndarray:
-    return np.arange(n) * (freq_hz / sr) + offset
+def _phase_step(freq_hz: float | np.ndarray, sr: int) -> np.ndarray:
+    return np.round(np.asarray(freq_hz, dtype=np.float64) * (_PHASE_ONE / sr)).astype(np.int64)
 
 
-def _varying_cycles(freq_hz: np.ndarray, sr: int) -> np.ndarray:
-    """Phase of an oscillator whose frequency changes per sample (sweeps, vibrato, sirens)."""
-    return np.cumsum(freq_hz, dtype=np.float64) / sr
+def _steady_phase(freq_hz: float, n: int, sr: int, offset_cycles: float = 0.0) -> np.ndarray:
+    """Running phase of a fixed-frequency oscillator, in 1/2**32 cycles.
+
+    Integer phase keeps precision over long renders and is ~10x faster than float phase.
+    """
+    phase = np.arange(n, dtype=np.int64)
+    phase *= _phase_step(freq_hz, sr)
+    phase += int(offset_cycles * _PHASE_ONE)
+    return phase
+
+
+def _varying_phase(freq_hz: np.ndarray, sr: int) -> np.ndarray:
+    """Running phase of an oscillator whose frequency changes per sample (sweeps, vibrato, sirens)."""
+    return np.cumsum(_phase_step(freq_hz, sr))
 
 
 def _time(n: int, sr: int) -> np.ndarray:
     return np.arange(n, dtype=np.float32) / np.float32(sr)
 
 
-def _shaped_noise(rng: np.random.Generator, n: int, sr: int, gain: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """White noise filtered in the frequency domain by `gain(freqs_hz)` (amplitude)."""
-    white = rng.standard_normal(n, dtype=np.float32)
-    spec = np.fft.rfft(white)
-    freqs = np.fft.rfftfreq(n, 1.0 / sr).astype(np.float32)
-    spec *= gain(freqs).astype(np.float32)
+def _shaped_noise(
+    rng: np.random.Generator,
+    n: int,
+    sr: int,
+    gain: Callable[[np.ndarray], np.ndarray],
+    band_hz: tuple[float, float] = (0.0, math.inf),
+) -> np.ndarray:
+    """Gaussian noise with amplitude spectrum `gain(freqs_hz)` inside `band_hz`, zero outside.
+
+    White noise's spectrum is itself complex Gaussian, so we draw it there directly:
+    one inverse FFT instead of a forward and an inverse one.
+    """
+    freqs = np.fft.rfftfreq(n, 1.0 / sr)
+    lo, hi = np.searchsorted(freqs, band_hz)
+    lo = max(int(lo), 1)  # no DC
+    hi = max(int(hi), lo + 1)  # at least one bin, so the noise is never silent
+    spec = np.zeros(len(freqs), dtype=np.complex64)
+    draws = rng.standard_normal((2, hi - lo), dtype=np.float32)
+    spec[lo:hi] = (draws[0] + 1j * draws[1]) * gain(freqs[lo:hi].astype(np.float32))
     return np.fft.irfft(spec, n).astype(np.float32)
 
 
@@ -127,7 +157,7 @@ def _num_samples(duration_s: float, sample_rate: int) -> int:
         seconds = float(duration_s)
     except (TypeError, ValueError):
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= MIN_EVENT_S):
+    if not (math.isfinite(seconds) and seconds >= MIN_EVENT_S - 1e-9):  # tolerance: seconds from sample counts
         raise LarcqError(f"event duration must be at least {MIN_EVENT_S} s, got {duration_s!r}")
     return int(round(seconds * sample_rate))
 
@@ -137,12 +167,12 @@ def _num_samples(duration_s: float, sample_rate: int) -> int:
 
 def _low_tone(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     f = rng.uniform(110.0, 180.0)
-    return _osc(_steady_cycles(f, n, sr), (1.0, 0.35, 0.12))
+    return _osc(_steady_phase(f, n, sr), (1.0, 0.35, 0.12))
 
 
 def _high_tone(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    f = rng.uniform(2600.0, 3400.0)
-    return _osc(_steady_cycles(f, n, sr))
+    f = rng.uniform(2800.0, 3200.0)
+    return _osc(_steady_phase(f, n, sr))
 
 
 def _major_chord(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
@@ -151,7 +181,7 @@ def _major_chord(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     out = np.zeros(n, dtype=np.float32)
     for ratio in (1.0, 1.25, 1.5, 2.0):  # root, major third, fifth, octave
         detune = 1.0 + rng.uniform(-0.002, 0.002)  # a touch of chorus, like real voices
-        out += _osc(_steady_cycles(root * ratio * detune, n, sr, rng.uniform()), organ)
+        out += _osc(_steady_phase(root * ratio * detune, n, sr, rng.uniform()), organ)
     return out
 
 
@@ -163,67 +193,67 @@ def _exp_sweep(f_start: float, f_end: float, n: int, sr: int) -> np.ndarray:
 
 def _rising_sweep(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     # Low and buzzy, unlike the falling sweep: an average spectrum cannot hear direction.
-    freq = _exp_sweep(rng.uniform(90.0, 150.0), rng.uniform(1200.0, 1800.0), n, sr)
-    return _osc(_varying_cycles(freq, sr), (1.0, 0.5, 0.33, 0.25))
+    freq = _exp_sweep(rng.uniform(180.0, 260.0), rng.uniform(1800.0, 2400.0), n, sr)
+    return _osc(_varying_phase(freq, sr), (1.0, 0.5, 0.33, 0.25))
 
 
 def _falling_sweep(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     freq = _exp_sweep(rng.uniform(5000.0, 6500.0), rng.uniform(1500.0, 2200.0), n, sr)
-    return _osc(_varying_cycles(freq, sr))
+    return _osc(_varying_phase(freq, sr))
 
 
 def _beeping(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    f = rng.uniform(900.0, 1300.0)
+    f = rng.uniform(1000.0, 1250.0)
     rate = rng.uniform(1.2, 2.5)  # beeps per second
     beep_s = rng.uniform(0.12, 0.2)
     t_in_beep = (np.arange(n) * (rate / sr) % 1.0) / rate  # seconds since the last beep began
     ramp = 0.003
     gate = np.clip(np.minimum(t_in_beep, beep_s - t_in_beep) / ramp, 0.0, 1.0)
     gate[0] = max(gate[0], 0.5)  # the first beep starts at t=0, so very short renders still sound
-    return _osc(_steady_cycles(f, n, sr), (1.0, 0.1)) * gate.astype(np.float32)
+    return _osc(_steady_phase(f, n, sr), (1.0, 0.1)) * gate.astype(np.float32)
 
 
 def _tremolo_tone(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     f = rng.uniform(400.0, 600.0)
     rate = rng.uniform(6.0, 10.0)
     depth = rng.uniform(0.8, 0.95)
-    lfo = 1.0 - depth * (0.5 - 0.5 * _osc(_steady_cycles(rate, n, sr, 0.25)))  # starts at full level
-    return _osc(_steady_cycles(f, n, sr), (1.0, 0.3)) * lfo
+    lfo = 1.0 - depth * (0.5 - 0.5 * _osc(_steady_phase(rate, n, sr, 0.25)))  # starts at full level
+    return _osc(_steady_phase(f, n, sr), (1.0, 0.3)) * lfo
 
 
 def _vibrato_tone(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    f = rng.uniform(700.0, 1000.0)
+    f = rng.uniform(650.0, 850.0)
     rate = rng.uniform(4.5, 6.5)
     depth = rng.uniform(0.02, 0.04)  # fraction of f: a singer-like wobble
-    freq = f * (1.0 + depth * _osc(_steady_cycles(rate, n, sr)).astype(np.float64))
-    return _osc(_varying_cycles(freq, sr), (1.0, 0.4, 0.15))
+    freq = f * (1.0 + depth * _osc(_steady_phase(rate, n, sr)).astype(np.float64))
+    return _osc(_varying_phase(freq, sr), (1.0, 0.4, 0.15))
 
 
 def _siren(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     lo = rng.uniform(550.0, 700.0)
     hi = lo * rng.uniform(1.3, 1.4)
     half_period = rng.uniform(0.5, 0.8)  # seconds on each pitch
-    square = np.clip(8.0 * _osc(_steady_cycles(0.5 / half_period, n, sr)).astype(np.float64), -1.0, 1.0)
+    square = np.clip(8.0 * _osc(_steady_phase(0.5 / half_period, n, sr)).astype(np.float64), -1.0, 1.0)
     freq = lo + (hi - lo) * (0.5 + 0.5 * square)  # a quick glide between the two pitches
-    return _osc(_varying_cycles(freq, sr), (1.0, 0.5, 0.33, 0.25, 0.2))
+    return _osc(_varying_phase(freq, sr), (1.0, 0.5, 0.33, 0.25, 0.2))
 
 
 def _buzz(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     f = rng.uniform(90.0, 130.0)
     odd = tuple(1.0 / k if k % 2 else 0.0 for k in range(1, 40))  # band-limited square wave
-    return _osc(_steady_cycles(f, n, sr), odd)
+    return _osc(_steady_phase(f, n, sr), odd)
 
 
 # --------------------------------------------------------------------------- noise events
 
 
 def _white_noise(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    swell = 1.0 + 0.2 * _osc(_steady_cycles(rng.uniform(0.2, 0.5), n, sr, rng.uniform()))
+    swell = 1.0 + 0.2 * _osc(_steady_phase(rng.uniform(0.2, 0.5), n, sr, rng.uniform()))
     return rng.standard_normal(n, dtype=np.float32) * swell
 
 
 def _pink_noise(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    return _shaped_noise(rng, n, sr, lambda f: 1.0 / np.sqrt(np.maximum(f, 30.0)))
+    return _shaped_noise(rng, n, sr, lambda f: 1.0 / np.sqrt(np.maximum(f, 30.0)), (20.0, math.inf))
 
 
 def _brown_rumble(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
@@ -233,14 +263,15 @@ def _brown_rumble(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
         f = np.maximum(f, 25.0)
         return (1.0 / f) / (1.0 + (f / corner) ** 2)
 
-    return _shaped_noise(rng, n, sr, gain)
+    return _shaped_noise(rng, n, sr, gain, (20.0, 8 * corner))  # beyond: > 50 dB down
 
 
 def _whistle(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     center = rng.uniform(1600.0, 2400.0)
     width = center * rng.uniform(0.03, 0.06)  # narrow band: noise that sounds pitched
-    noise = _shaped_noise(rng, n, sr, lambda f: np.exp(-0.5 * ((f - center) / width) ** 2))
-    gusts = 0.65 + 0.35 * _osc(_steady_cycles(rng.uniform(0.15, 0.4), n, sr, rng.uniform()))
+    band = (center - 4 * width, center + 4 * width)  # the Gaussian is ~0 beyond 4 widths
+    noise = _shaped_noise(rng, n, sr, lambda f: np.exp(-0.5 * ((f - center) / width) ** 2), band)
+    gusts = 0.65 + 0.35 * _osc(_steady_phase(rng.uniform(0.15, 0.4), n, sr, rng.uniform()))
     return noise * gusts
 
 
@@ -272,13 +303,13 @@ def _plucks(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     for start in _onsets(rng, n, sr, (0.25, 0.5), 0.012):
         f = base * scale[int(rng.integers(len(scale)))]
         grain_n = min(ring, n - start)
-        tone = _osc(_steady_cycles(f, grain_n, sr), (1.0, 0.6, 0.4, 0.25, 0.15, 0.1))
+        tone = _osc(_steady_phase(f, grain_n, sr), (1.0, 0.6, 0.4, 0.25, 0.15, 0.1))
         _add_at(out, start, tone * env[:grain_n])
     return out
 
 
 def _bell(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    f0 = rng.uniform(350.0, 600.0)
+    f0 = rng.uniform(450.0, 550.0)
     # inharmonic partials of a struck bell: (ratio, amplitude, decay seconds)
     partials = ((1.0, 1.0, 2.0), (2.0, 0.6, 1.2), (2.76, 0.5, 0.8), (5.4, 0.3, 0.4), (8.93, 0.2, 0.25))
     out = np.zeros(n, dtype=np.float32)
@@ -287,7 +318,7 @@ def _bell(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
         t = _time(grain_n, sr)
         grain = np.zeros(grain_n, dtype=np.float32)
         for ratio, amp, decay in partials:
-            grain += np.float32(amp) * _osc(_steady_cycles(f0 * ratio, grain_n, sr)) * np.exp(-t / np.float32(decay))
+            grain += np.float32(amp) * _osc(_steady_phase(f0 * ratio, grain_n, sr)) * np.exp(-t / np.float32(decay))
         _add_at(out, start, grain)
     return out
 
@@ -295,13 +326,13 @@ def _bell(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
 def _water_drips(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     out = np.zeros(n, dtype=np.float32)
     for start in _onsets(rng, n, sr, (0.15, 0.6), 0.012):
-        f_start = rng.uniform(900.0, 1400.0)
+        f_start = rng.uniform(1100.0, 1500.0)
         f_end = f_start * rng.uniform(2.0, 3.0)  # the rising 'plink' of a drop
         dur = rng.uniform(0.03, 0.05)
         m = max(2, int(dur * sr))
         freq = _exp_sweep(f_start, f_end, m, sr)
         env = np.exp(-np.arange(m) / (0.25 * m))
-        _add_at(out, start, (_osc(_varying_cycles(freq, sr)) * env).astype(np.float32))
+        _add_at(out, start, (_osc(_varying_phase(freq, sr)) * env).astype(np.float32))
     return out
 
 
@@ -327,7 +358,7 @@ EVENT_KINDS: tuple[EventKind, ...] = (
     ), _low_tone),
     _kind("high_tone", (
         "A high-pitched tone rings continuously.",
-        "A shrill electronic beep holds steady.",
+        "A shrill electronic tone holds steady.",
         "A piercing high tone sounds.",
     ), _high_tone),
     _kind("major_chord", (
@@ -342,7 +373,7 @@ EVENT_KINDS: tuple[EventKind, ...] = (
     ), _rising_sweep),
     _kind("falling_sweep", (
         "A tone sweeps downward in pitch.",
-        "A falling electronic whistle.",
+        "A falling electronic tone.",
         "A high tone glides steadily lower.",
     ), _falling_sweep),
     _kind("white_noise", (
@@ -378,7 +409,7 @@ EVENT_KINDS: tuple[EventKind, ...] = (
     _kind("vibrato_tone", (
         "A wavering tone like a singing voice.",
         "A tone wobbles gently in pitch.",
-        "A whistle-like tone with vibrato.",
+        "A tone with a gentle vibrato.",
     ), _vibrato_tone),
     _kind("plucks", (
         "A string is plucked repeatedly.",
@@ -393,7 +424,7 @@ EVENT_KINDS: tuple[EventKind, ...] = (
     _kind("whistle", (
         "Wind whistles through a narrow gap.",
         "A breathy whistling noise.",
-        "Air hisses with a whistling tone.",
+        "A high whistling wind blows.",
     ), _whistle),
     _kind("buzz", (
         "An electric buzzer buzzes.",

@@ -11,7 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from larcq_ray.clap import MIN_VOCAB
+from larcq_ray.clap import MIN_VOCAB, quiet_transformers
 from larcq_ray.errors import LarcqError
 
 MODEL_CARD = "larcq_model_card.json"
@@ -32,6 +32,7 @@ def build_tiny_clap(
     from tokenizers import ByteLevelBPETokenizer
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
 
+    quiet_transformers()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not texts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from larcq_ray import scoring
 from larcq_ray.errors import LarcqError
 from larcq_ray.scoring import MODES, AudioEmbeddings, QueryEmbeddings, _plan_blocks, score
 
@@ -57,8 +58,13 @@ def ranking(s: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(s)), -s))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_all_modes_match_brute_force(seed):
+@pytest.mark.parametrize("seed,tile_cols,cache_bytes,buffer_bytes", [(0, 2048, 2**29, 2**29), (1, 4, 0, 0)])
+def test_all_modes_match_brute_force(seed, tile_cols, cache_bytes, buffer_bytes, monkeypatch):
+    # Case 1: query blocks mix ground truths from several audio blocks (keys kept until resolved).
+    # Case 2: one ground-truth block per query block, grids in tiles of a few audios, no block cache.
+    monkeypatch.setattr(scoring, "_CPU_TILE_COLS", tile_cols)
+    monkeypatch.setattr(scoring, "_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(scoring, "_BUFFER_BYTES", buffer_bytes)
     rng = np.random.default_rng(seed)
     queries, audios = make(rng)
     n_q, n_a = len(queries.query_ids), len(audios.audio_ids)
@@ -96,6 +102,9 @@ def test_top_k_smaller_than_audios_and_default_blocks():
         assert r.topk_index.shape == (6, 4)
         for qi in range(6):
             np.testing.assert_array_equal(r.topk_index[qi], ranking(ref[m][qi])[:4])
+    none_known = score(queries, audios, modes=["audio-sum"], top_k=4, gt_index=np.full(6, -1))["audio-sum"]
+    assert (none_known.gt_rank == 0).all() and np.isnan(none_known.gt_score).all()
+    np.testing.assert_array_equal(none_known.topk_index[0], ranking(ref["audio-sum"][0])[:4])
 
 
 def _dyadic(rng: np.random.Generator, n: int, dim: int = 4) -> np.ndarray:
