@@ -4,9 +4,11 @@ Full-size CLAP architecture (HTSAT-fused audio tower, default ClapConfig sizes) 
 weights, built offline. The pipeline figure is the whole index job (decode, resample, mel
 features, embedding, Parquet commit) after Ray has started; the bare figure is
 `get_audio_features` alone on precomputed features of the same chunks, same batch size and
-thread count. Overhead = pipeline time / bare time - 1.
+thread count. It prints the end-to-end overhead (pipeline time / bare time - 1) and the
+steady-state overhead: the marginal cost per chunk between runs over half and all of the files,
+in which the fixed costs (actor start, model load, planning) cancel out.
 
-    python benchmarks/bench_encoding.py [--files 8 --seconds 30 --batch-size 8]
+    python benchmarks/bench_encoding.py [--files 8 --seconds 60 --batch-size 8]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def build_full_size_clap(folder: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=30.0, help="length of each file (multiple of 10)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="length of each file (multiple of 10)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--sample-rate", type=int, default=44100, help="source rate (resampled to 48 kHz)")
     args = ap.parse_args()
@@ -76,31 +78,50 @@ def main() -> None:
         prep = time.perf_counter() - t
         torch.set_num_threads(threads)
         enc = ClapAudioEncoder(str(model), device="cpu")
-        enc(np.stack([feats[0].input_features]), np.array([False]))  # warm-up
+        warm = feats[: args.batch_size]  # warm-up at the timed batch shape
+        enc(np.stack([f.input_features for f in warm]), np.array([f.is_longer for f in warm]))
         t = time.perf_counter()
         for i in range(0, len(feats), args.batch_size):
             b = feats[i:i + args.batch_size]
             enc(np.stack([f.input_features for f in b]), np.array([f.is_longer for f in b]))
         bare = time.perf_counter() - t
 
-        cfg = PipelineConfig.model_validate({
-            "run_dir": str(work / "run"),
-            "data": {"corpus": str(corpus)},
-            "model": {"name_or_path": str(model), "device": "cpu"},
-            "index": {"whole_file": False, "batch_size": args.batch_size, "files_per_decode_task": 1,
-                      "chunking": {"mode": "fixed", "window_s": 10.0}},
-        })
         ensure_ray()
-        t = time.perf_counter()
-        summary = run_index(cfg, show_progress=False)
-        pipe = time.perf_counter() - t
-        assert summary.indexed == args.files and summary.chunks == len(feats) == n_chunks, summary.lines()
+
+        def pipeline(files: list[Path], tag: str) -> float:
+            cfg = PipelineConfig.model_validate({
+                "run_dir": str(work / f"run_{tag}"),
+                "data": {"corpus": str(corpus)},
+                "model": {"name_or_path": str(model), "device": "cpu"},
+                "index": {"whole_file": False, "batch_size": args.batch_size, "files_per_decode_task": 1,
+                          "chunking": {"mode": "fixed", "window_s": 10.0}},
+            })
+            from larcq_ray.inputs import AudioRef
+
+            refs = [AudioRef(p.name, str(p)) for p in files]
+            t = time.perf_counter()
+            summary = run_index(cfg, refs, show_progress=False)
+            assert summary.indexed == len(files) and summary.failed == 0, summary.lines()
+            return time.perf_counter() - t
+
+        files = sorted(corpus.iterdir())
+        pipeline(files[:1], "warmup")  # worker processes and imports warm, as in the runs compared
+        half = files[: len(files) // 2]
+        t_half = pipeline(half, "half")
+        t_full = pipeline(files, "full")
+        per_chunk = n_chunks // len(files)
+        marginal = (t_full - t_half) / ((len(files) - len(half)) * per_chunk)
 
         print(f"chunks: {n_chunks} x 10 s, batch {args.batch_size}, torch threads {threads}, cores {os.cpu_count()}")
-        print(f"decode+resample+mel (serial, not in bare): {prep:.2f} s ({n_chunks / prep:.2f} chunks/s)")
-        print(f"bare forward:    {bare:.2f} s  {n_chunks / bare:.3f} chunks/s")
-        print(f"Ray pipeline:    {pipe:.2f} s  {n_chunks / pipe:.3f} chunks/s (includes actor start + model load)")
-        print(f"pipeline overhead vs bare forward: {100 * (pipe / bare - 1):.1f}% (target <= 15%)")
+        print(f"decode+resample+mel alone (serial): {prep:.2f} s = {1000 * prep / n_chunks:.1f} ms/chunk")
+        print(f"bare forward:           {bare:.2f} s = {n_chunks / bare:.3f} chunks/s ({1000 * bare / n_chunks:.1f} ms/chunk)")
+        print(f"Ray pipeline, end to end ({n_chunks} chunks, incl. actor start + model load): {t_full:.2f} s = "
+              f"{n_chunks / t_full:.3f} chunks/s -> {100 * (t_full / bare - 1):.1f}% over bare")
+        print(f"Ray pipeline, steady state (marginal cost of the second half, fixed costs cancel): "
+              f"{1000 * marginal:.1f} ms/chunk = {1 / marginal:.3f} chunks/s -> "
+              f"{100 * (marginal / (bare / n_chunks) - 1):.1f}% over bare (target <= 15%)")
+        print(f"fixed cost per index run (actor start, model load, Ray Data planning): "
+              f"{t_half - marginal * len(half) * per_chunk:.1f} s")
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)

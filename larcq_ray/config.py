@@ -65,6 +65,7 @@ class IndexConfig(_Strict):
     num_cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: Optional[int] = None  # CPU actors; None: cores of the node / num_actors
     files_per_decode_task: int = Field(4, ge=1)
+    decode_memory_mb: int = Field(512, ge=1)  # memory reserved per decode task
     commit_every_files: int = Field(64, ge=1)  # files per committed Parquet part
     silence_threshold_db: float = -80.0  # peak below this (dBFS) = silent file
 

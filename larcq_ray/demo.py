@@ -61,5 +61,8 @@ def run_demo(out: Path, n_audios: int = 16, seed: int = 0, address: str | None =
     cmd_index(cfg)
     cmd_search(cfg)
     cmd_evaluate(cfg)
+    log.info("note: the demo's CLAP has random weights (nothing can be downloaded here), so these figures "
+             "are at chance level (R@1 = %.1f%% for %d audios): they show the pipeline runs, not the method's quality",
+             100.0 / n_audios, n_audios)
     log.info("demo done: config %s, report %s", cfg_path, Path(cfg.run_dir) / "report.md")
     return {"config": cfg_path, "run_dir": Path(cfg.run_dir)}

@@ -86,11 +86,13 @@ def decode_and_featurize(batch: dict, *, model: str, fusion_seed: int, local_fil
             }
             for idx, s, e in pieces:
                 f = fz(x[s:e])
+                # Fusion input repeats one mel 4x unless the clip was really fused: ship it once.
+                feats = f.input_features if f.is_longer else f.input_features[:1]
                 rows.append({
                     "audio_id": audio_id, "kind": "whole" if idx < 0 else "chunk", "chunk_index": idx,
                     "start_s": s / sr, "end_s": e / sr,
-                    "features": f.input_features.tobytes(),
-                    "feat_shape": np.asarray(f.input_features.shape, dtype=np.int64),
+                    "features": feats.tobytes(),
+                    "feat_shape": np.asarray(feats.shape, dtype=np.int64),
                     "is_longer": f.is_longer, **common,
                 })
         except Exception as e:  # a bug or odd file must cost one row, never the job
@@ -117,6 +119,11 @@ class ClapEmbedStage:
         if torch_threads:
             torch.set_num_threads(torch_threads)  # Ray sets OMP_NUM_THREADS=num_cpus (1) for actors
         self.encoder = ClapAudioEncoder(model, device, dtype, local_files_only)
+        self.channels = 4 if self.encoder.model.config.audio_config.enable_fusion else 1
+
+    def _features(self, raw: bytes, shape) -> np.ndarray:
+        f = np.frombuffer(raw, dtype=np.float32).reshape(shape)
+        return np.repeat(f, self.channels, axis=0) if f.shape[0] == 1 and self.channels > 1 else f
 
     def __call__(self, batch: dict) -> dict:
         kinds = batch["kind"]
@@ -124,9 +131,7 @@ class ClapEmbedStage:
         emb_bytes = np.empty(len(kinds), dtype=object)
         emb_bytes[:] = b""
         if len(ok):
-            feats = np.stack([
-                np.frombuffer(batch["features"][i], dtype=np.float32).reshape(batch["feat_shape"][i]) for i in ok
-            ])
+            feats = np.stack([self._features(batch["features"][i], batch["feat_shape"][i]) for i in ok])
             emb = self.encoder(feats, batch["is_longer"][ok])
             for j, i in enumerate(ok):
                 emb_bytes[i] = emb[j].astype(np.float32).tobytes()
@@ -202,6 +207,10 @@ def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_prog
         batch_size=ic.files_per_decode_task,
         batch_format="numpy",
         num_cpus=1,
+        # Declared so the scheduler packs decode tasks by memory too (a 150 s file at 48 kHz plus
+        # its features is ~0.1 GB). It also keeps this stage's remote args distinct from the
+        # actor's, so Ray Data never fuses decoding into the (GPU) model actor.
+        memory=ic.decode_memory_mb * 2**20,
         fn_kwargs=dict(model=cfg.model.name_or_path, fusion_seed=cfg.model.fusion_seed,
                        local_files_only=cfg.model.local_files_only, chunking=ic.chunking.model_dump(),
                        whole_file=ic.whole_file, silence_threshold_db=ic.silence_threshold_db),

@@ -40,6 +40,8 @@ def _quiet_ray_data() -> None:
     # Our own per-file progress bar is what users read; Ray's per-operator bars flood job logs.
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray._private.authentication"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def cluster_has_gpus() -> bool:

@@ -39,7 +39,8 @@ def build_tiny_clap(
         raise LarcqError("build_tiny_clap needs some text to train its tokenizer on")
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=_SPECIALS)
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=_SPECIALS,
+                             show_progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         bpe.save_model(tmp)  # vocab.json + merges.txt, the files RoBERTa's tokenizer reads
         tokenizer = RobertaTokenizer.from_pretrained(tmp, model_max_length=max_text_tokens)
