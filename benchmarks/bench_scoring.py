@@ -9,6 +9,7 @@ Prints figures; asserts the vectorized rankings equal the loop's on the looped s
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import numpy as np
@@ -67,7 +68,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=10, help="chunks per audio")
     p.add_argument("--query-chunks", type=int, default=5, help="chunks per query")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--loop-queries", type=int, default=20, help="queries the slow loop runs on (then scaled)")
+    p.add_argument("--loop-queries", type=int, default=20, help="queries the slow loop runs on (then scaled); 0 skips the loop and the matmul comparison")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs for the vectorized timings")
     a = p.parse_args()
@@ -82,7 +83,14 @@ def main() -> None:
     print(f"shape: {nq} queries x {qcn} chunks, {na} audios x {c} chunks, dim {d}, top_k {a.top_k}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (Linux reports KiB)
     t_all, res = best_of(a.repeats, lambda: score(queries, audios, MODES, top_k=a.top_k, gt_index=gt))
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"vectorized scorer, all {len(MODES)} modes (best of {a.repeats}): {t_all:.3f} s; "
+          f"process peak RSS {rss_peak:.2f} GiB (was {rss_before:.2f} GiB before scoring; "
+          f"{(audios.chunk_emb.nbytes + queries.chunk_emb.nbytes) / 2**30:.2f} GiB of embeddings)")
+    if a.loop_queries <= 0:  # scale run: no loop, no matmul comparison
+        return
     t_one, _ = best_of(a.repeats, lambda: score(queries, audios, ["audio-max+query-sum"], top_k=a.top_k, gt_index=gt))
 
     lq = min(a.loop_queries, nq)
@@ -115,7 +123,6 @@ def main() -> None:
         torch.matmul(x, y)  # warm-up, untimed
         t_mm, _ = best_of(3, lambda: torch.matmul(x, y))
 
-    print(f"vectorized scorer, all {len(MODES)} modes (best of {a.repeats}): {t_all:.3f} s")
     print(f"vectorized scorer, audio-max+query-sum only (best of {a.repeats}): {t_one:.3f} s")
     print(f"per-query/per-audio loop, all {len(MODES)} modes: {t_loop:.1f} s "
           f"(ran {lq} of {nq} queries, scaled linearly to {nq})")

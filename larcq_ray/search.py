@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from larcq_ray.config import PipelineConfig
@@ -156,7 +157,7 @@ def load_or_embed_queries(cfg: PipelineConfig) -> QuerySet:
     if table is None:
         table, n_fallback = embed_queries(cfg, queries, out_path)
         meta_path.write_text(json.dumps({"fingerprint": fp, "n_fallback": n_fallback}, indent=2))
-    truncated = table.filter(pa.compute.equal(table.column("chunk_index"), -1)).column("truncated").to_numpy(zero_copy_only=False)
+    truncated = table.filter(pc.equal(table.column("chunk_index"), -1)).column("truncated").to_numpy(zero_copy_only=False)
     return QuerySet(queries, _query_embeddings(table), int(truncated.sum()), n_fallback)
 
 

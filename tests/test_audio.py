@@ -46,3 +46,15 @@ def test_resampling_keeps_duration_and_content(tmp_path):
 def test_missing_file(tmp_path):
     out = decode_audio(tmp_path / "nope.wav", 48000)
     assert out.status == "failed" and out.error.startswith("missing:")
+
+
+@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_24"), ("OGG", "VORBIS"),
+                                         ("MP3", "MPEG_LAYER_III")])
+def test_every_corpus_format_decodes(tmp_path, fmt, subtype):
+    path = tmp_path / f"a.{fmt.lower()}"
+    sf.write(path, tone(2.0, 44100, freq=440), 44100, format=fmt, subtype=subtype)
+    out = decode_audio(path, 48000)
+    assert out.status == "ok", out.error
+    assert abs(out.duration_s - 2.0) < 0.06  # mp3 encoders pad a few ms
+    spec = np.abs(np.fft.rfft(out.samples))
+    assert abs(np.argmax(spec) * 48000 / len(out.samples) - 440) < 3

@@ -27,6 +27,10 @@ def run(ray_session, tiny_clap, tmp_path_factory):
                   "chunking": {"mode": "fixed", "window_s": 5.0}},
         "search": {"query_chunking": "columns", "top_k": 4},
     }
+    # One query longer than the text tower's 77 tokens: truncated and counted, never dropped.
+    first = next(csv.DictReader(open(bench / "queries.csv")))["audio_id"]
+    with open(bench / "queries.csv", "a", newline="") as f:
+        csv.writer(f).writerow([first, "a long rising sweep then a bell " * 30, "a rising sweep", "a bell"])
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", "--config", str(path)]) == 0
@@ -54,6 +58,10 @@ def test_artifacts(run):
     assert (run_dir / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
     q = pq.read_table(run_dir / "queries.parquet").to_pandas()
     assert set(q.query_id) == set(range(n_q)) and (q.chunk_index == -1).sum() == n_q
+    meta = json.loads((run_dir / "search_meta.json").read_text())
+    assert meta["n_truncated_queries"] == 1 and meta["n_queries"] == n_q
+    assert "1 queries exceeded the text tower's limit" in report
+    assert q[(q.query_id == n_q - 1) & (q.chunk_index == -1)].truncated.item()
 
 
 def test_ground_truth_ranks_match_a_brute_force_check(run):
