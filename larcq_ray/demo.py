@@ -42,7 +42,7 @@ def run_demo(out: Path, n_audios: int = 16, seed: int = 0, address: str | None =
     from larcq_ray.config import load_config
     from larcq_ray.tiny_clap import build_tiny_clap
 
-    out = Path(out)
+    out = Path(out).resolve()  # absolute: the config must work from a Ray job's working dir too
     out.mkdir(parents=True, exist_ok=True)
     bench = out / "benchmark"
     if not (bench / "queries.csv").exists():
