@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("search", "embed the queries and score every indexed audio (shortlist.parquet)"),
         ("evaluate", "R@k, mAP@10 and ranks per scoring mode (metrics.json, report.md)"),
         ("run", "index -> search -> evaluate from one config"),
+        ("rerank", "re-rank the shortlist from its captions through the /rerank service (reranked.parquet)"),
+        ("serve", "run the /rerank Ray Serve application until stopped"),
     ]:
         _add_common(sub.add_parser(name, help=help_))
     demo = sub.add_parser("demo", help="offline demo: synthetic benchmark + tiny CLAP + the whole pipeline")
@@ -90,8 +92,44 @@ def cmd_evaluate(cfg) -> None:
     metrics = run_evaluate(cfg.run_dir)
     log.info("%-22s %7s %7s %7s %8s %9s", "mode", "R@1", "R@5", "R@10", "mAP@10", "mean rank")
     for mode, m in metrics.items():
+        if mode == "final":
+            log.info("after re-ranking (%s, top %d): R@1 %.2f (CLAP %.2f), R@5 %.2f; %d fixed, %d demoted",
+                     m["mode"], m["top_n"], m["R@1"], m["clap_R@1"], m["R@5"], m["fixed_top1"], m["demoted_top1"])
+            continue
         log.info("%-22s %7.2f %7.2f %7.2f %8.2f %9.2f", mode, m["R@1"], m["R@5"], m["R@10"], m["mAP@10"], m["mean_rank"])
     log.info("report: %s", Path(cfg.run_dir) / "report.md")
+
+
+def cmd_serve(cfg) -> None:
+    from larcq_ray.ray_session import ensure_ray
+    from larcq_ray.rerank.app import run_server
+
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    run_server(cfg.serve, blocking=True)
+
+
+def cmd_rerank(cfg) -> None:
+    from larcq_ray.rerank_job import HttpRerankClient, rerank_shortlist
+
+    started = False
+    url, key = cfg.rerank.endpoint, cfg.rerank.api_key
+    if url is None:  # no endpoint given: deploy the service in this Ray cluster for the job
+        from larcq_ray.ray_session import ensure_ray
+        from larcq_ray.rerank.app import run_server
+
+        ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+        url, key, started = run_server(cfg.serve, blocking=False), cfg.serve.api_key, True
+    try:
+        meta = rerank_shortlist(Path(cfg.run_dir), cfg.rerank, HttpRerankClient(url, key))
+    finally:
+        if started:
+            from ray import serve
+
+            from larcq_ray.rerank.app import APP_NAME
+
+            serve.delete(APP_NAME)
+    log.info("re-ranked the top %d of %d queries (%s shortlist) via %s: %s", meta["top_n"], meta["n_queries"],
+             meta["mode"], url, Path(cfg.run_dir) / "reranked.parquet")
 
 
 def cmd_run(cfg) -> None:
@@ -135,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_demo(args)
         else:
             cfg = _config(args)
-            {"index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "run": cmd_run}[args.command](cfg)
+            {"index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "run": cmd_run,
+             "rerank": cmd_rerank, "serve": cmd_serve}[args.command](cfg)
         return 0
     except KeyboardInterrupt:
         print("interrupted: committed index parts are kept; re-run to resume", file=sys.stderr)

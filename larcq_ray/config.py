@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from larcq_ray.errors import LarcqError
+from larcq_ray.rerank.app import RerankServeConfig
+from larcq_ray.rerank_job import RerankJobConfig
 from larcq_ray.scoring import MODES
 
 
@@ -101,6 +103,8 @@ class PipelineConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    rerank: RerankJobConfig = Field(default_factory=RerankJobConfig)
+    serve: RerankServeConfig = Field(default_factory=RerankServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from larcq_ray.errors import LarcqError
 from larcq_ray.report import write_report
+from larcq_ray.rerank_eval import final_metrics, final_report_lines
 
 
 def report_notes(meta: dict) -> list[str]:
@@ -43,5 +44,35 @@ def run_evaluate(run_dir: str | Path) -> dict:
     for mode in meta["modes"]:
         sub = table[table["mode"] == mode].sort_values("query_id")
         ranks_by_mode[mode] = np.asarray(sub["gt_rank"], dtype=np.int64)
-    return write_report(run_dir, ranks_by_mode, meta["n_audios"], notes=report_notes(meta),
-                        title=f"LARCQ retrieval: {meta['n_queries']} queries, model {meta['model']}")
+    metrics = write_report(run_dir, ranks_by_mode, meta["n_audios"], notes=report_notes(meta),
+                           title=f"LARCQ retrieval: {meta['n_queries']} queries, model {meta['model']}")
+    if (run_dir / "reranked.parquet").exists() and (run_dir / "rerank_meta.json").exists():
+        metrics["final"] = _final_section(run_dir, table)
+    return metrics
+
+
+def _final_section(run_dir: Path, gt_table) -> dict:
+    """Honest figures of the re-ranked order, appended to metrics.json and report.md."""
+    rmeta = json.loads((run_dir / "rerank_meta.json").read_text())
+    mode = rmeta["mode"]
+    short = pq.read_table(run_dir / "shortlist.parquet").to_pandas()
+    short = short[short["mode"] == mode].sort_values(["query_id", "rank"])
+    reranked = pq.read_table(run_dir / "reranked.parquet").to_pandas().sort_values(["query_id", "rank"])
+    gt = gt_table[gt_table["mode"] == mode].sort_values("query_id")
+    clap, final, truth = [], [], []
+    reranked_by_q = {q: list(g.audio_id) for q, g in reranked.groupby("query_id")}
+    for q, g in short.groupby("query_id"):
+        order = list(g.audio_id)
+        head = reranked_by_q.get(q, order[: rmeta["top_n"]])
+        clap.append(order)
+        final.append(head + [a for a in order if a not in head])  # below top_n nothing moved
+    truth = list(gt.set_index("query_id").loc[sorted(short.query_id.unique()), "gt_audio_id"])
+    m = final_metrics(clap, final, truth)
+    m.update({"mode": mode, "top_n": rmeta["top_n"], "match": rmeta.get("match"), "fusion": rmeta.get("fusion")})
+    metrics_path = run_dir / "metrics.json"
+    all_metrics = json.loads(metrics_path.read_text())
+    all_metrics["final"] = m
+    metrics_path.write_text(json.dumps(all_metrics, indent=2))
+    with open(run_dir / "report.md", "a") as f:
+        f.write("\n".join(final_report_lines(m, mode)) + "\n")
+    return m

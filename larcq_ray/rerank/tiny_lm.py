@@ -1,0 +1,51 @@
+"""A tiny random-weight Qwen2 causal LM + byte-level BPE tokenizer, built fully offline.
+
+For tests and the offline demo of the listwise backend: it exercises the real transformers code
+path (chat template, left padding, next-token logits) but its scores carry no meaning.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Iterable
+
+# ChatML, as Qwen uses: the prompt ends at the start of the assistant turn.
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_causal_lm(out_dir: str | Path, texts: Iterable[str], seed: int = 0,
+                         vocab_size: int = 512) -> Path:
+    """Train a small BPE on `texts`, save it with a random 2-layer Qwen2 to `out_dir`; return it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # The full byte alphabet makes every single character (so every label) one token.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [*texts, string.digits, string.ascii_letters]
+    tok.train_from_iterator(corpus, trainer=trainer)
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                     pad_token="<|endoftext|>")
+    hf_tok.chat_template = _CHAT_TEMPLATE
+    hf_tok.save_pretrained(out)
+
+    config = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    return out
