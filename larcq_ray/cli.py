@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -104,8 +106,21 @@ def cmd_serve(cfg) -> None:
     from larcq_ray.ray_session import ensure_ray
     from larcq_ray.rerank.app import run_server
 
+    import ray
+    from ray import serve
+
+    def _stop(signum, frame):  # SIGTERM (container stop, kill) stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
-    run_server(cfg.serve, blocking=True)
+    try:
+        run_server(cfg.serve, blocking=True)  # returns after Ctrl-C, app deleted
+    finally:
+        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            serve.shutdown()  # our own local Ray: stop it here, not in an interruptible atexit hook
+            ray.shutdown()
+    log.info("re-rank service stopped")
 
 
 def cmd_rerank(cfg) -> None:
@@ -177,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
              "rerank": cmd_rerank, "serve": cmd_serve}[args.command](cfg)
         return 0
     except KeyboardInterrupt:
-        print("interrupted: committed index parts are kept; re-run to resume", file=sys.stderr)
+        hint = "; committed index parts are kept, re-run to resume" if args.command in ("index", "run", "demo") else ""
+        print(f"larcq-ray {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages
         if args.debug:
