@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("index", "decode, chunk and embed a corpus into a Parquet index"),
         ("search", "embed the queries and score every indexed audio (shortlist.parquet)"),
         ("evaluate", "R@k, mAP@10 and ranks per scoring mode (metrics.json, report.md)"),
-        ("run", "index -> search -> evaluate from one config"),
+        ("run", "index -> search -> caption -> rerank -> evaluate from one config (its `stages`)"),
+        ("caption", "caption every window of the shortlisted audios with an audio-language model (captions.parquet)"),
         ("rerank", "re-rank the shortlist from its captions through the /rerank service (reranked.parquet)"),
         ("serve", "run the /rerank Ray Serve application until stopped"),
     ]:
@@ -102,6 +103,23 @@ def cmd_evaluate(cfg) -> None:
     log.info("report: %s", Path(cfg.run_dir) / "report.md")
 
 
+def cmd_caption(cfg) -> None:
+    from larcq_ray.caption.pipeline import run_caption, unique_audio_ids_from_shortlist
+    from larcq_ray.inputs import AudioRef, corpus_root
+
+    run_dir, cc = Path(cfg.run_dir), cfg.caption
+    mode, top_n = cc.mode or cfg.rerank.mode, cc.top_n or cfg.rerank.top_n
+    ids = unique_audio_ids_from_shortlist(run_dir / "shortlist.parquet", modes=[mode], top_n=top_n)
+    root = corpus_root(cfg.data)
+    log.info("captioning %d unique audios (top %d of the %s shortlist) with %s", len(ids), top_n, mode,
+             cc.backend.model)
+    summary = run_caption([AudioRef(a, str(root / a)) for a in ids], cc.backend, run_dir / "captions.parquet",
+                          num_actors=cc.num_actors, num_gpus=cc.num_gpus_per_actor, address=cfg.ray.address,
+                          show_progress=True)
+    for line in summary.lines():
+        log.info(line)
+
+
 def cmd_serve(cfg) -> None:
     from larcq_ray.ray_session import ensure_ray
     from larcq_ray.rerank.app import run_server
@@ -148,9 +166,10 @@ def cmd_rerank(cfg) -> None:
 
 
 def cmd_run(cfg) -> None:
-    cmd_index(cfg)
-    cmd_search(cfg)
-    cmd_evaluate(cfg)
+    steps = {"index": cmd_index, "search": cmd_search, "caption": cmd_caption, "rerank": cmd_rerank,
+             "evaluate": cmd_evaluate}
+    for stage in [s for s in steps if s in cfg.stages]:  # always in pipeline order
+        steps[stage](cfg)
 
 
 def cmd_demo(args) -> None:
@@ -181,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("larcq_ray").setLevel(logging.INFO)
-    for noisy in ("transformers", "ray", "filelock", "urllib3"):
+    for noisy in ("transformers", "ray", "filelock", "urllib3", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         if args.command == "demo":
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = _config(args)
             {"index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "run": cmd_run,
-             "rerank": cmd_rerank, "serve": cmd_serve}[args.command](cfg)
+             "caption": cmd_caption, "rerank": cmd_rerank, "serve": cmd_serve}[args.command](cfg)
         return 0
     except KeyboardInterrupt:
         hint = "; committed index parts are kept, re-run to resume" if args.command in ("index", "run", "demo") else ""

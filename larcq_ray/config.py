@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from larcq_ray.errors import LarcqError
+from larcq_ray.caption.backends import CaptionBackendConfig
 from larcq_ray.rerank.app import RerankServeConfig
 from larcq_ray.rerank_job import RerankJobConfig
 from larcq_ray.scoring import MODES
@@ -97,12 +98,28 @@ class RayConfig(_Strict):
     num_cpus: Optional[int] = None  # local Ray only; None: all cores
 
 
+class CaptionStageConfig(_Strict):
+    backend: CaptionBackendConfig = Field(default_factory=CaptionBackendConfig)
+    # Which audios: the top `top_n` of mode `mode`'s shortlist (None: the rerank section's values).
+    mode: Optional[str] = None
+    top_n: Optional[int] = Field(None, ge=1)
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
+
+
+STAGES = ("index", "search", "caption", "rerank", "evaluate")
+
+
 class PipelineConfig(_Strict):
     run_dir: str = "runs/default"
+    # What `larcq-ray run` does, in this order (a subset of STAGES).
+    stages: list[Literal["index", "search", "caption", "rerank", "evaluate"]] = Field(
+        default_factory=lambda: list(STAGES))
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    caption: CaptionStageConfig = Field(default_factory=CaptionStageConfig)
     rerank: RerankJobConfig = Field(default_factory=RerankJobConfig)
     serve: RerankServeConfig = Field(default_factory=RerankServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

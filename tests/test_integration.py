@@ -26,6 +26,7 @@ def run(ray_session, tiny_clap, tmp_path_factory):
         "index": {"batch_size": 4, "files_per_decode_task": 2, "commit_every_files": 2,
                   "chunking": {"mode": "fixed", "window_s": 5.0}},
         "search": {"query_chunking": "columns", "top_k": 4},
+        "stages": ["index", "search", "evaluate"],  # caption and rerank run in their own test below
     }
     # One query longer than the text tower's 77 tokens: truncated and counted, never dropped.
     first = next(csv.DictReader(open(bench / "queries.csv")))["audio_id"]
@@ -88,3 +89,43 @@ def test_search_rerun_reuses_query_embeddings(run):
     assert main(["search", "--config", str(cfg), "--set", "search.modes=[audio-max]"]) == 0
     assert (run_dir / "queries.parquet").stat().st_mtime_ns == before
     assert set(pq.read_table(run_dir / "shortlist.parquet").column("mode").to_pylist()) == {"audio-max"}
+
+
+def test_caption_rerank_evaluate_after_search(run, tmp_path_factory):
+    """The second half: tiny Qwen2-Audio captions (random weights) -> /rerank on Serve -> final figures."""
+    import socket
+
+    from ray import serve
+
+    from larcq_ray.caption.tiny_alm import build_tiny_qwen2_audio
+
+    run_dir, bench, cfg_path = run
+    alm = build_tiny_qwen2_audio(tmp_path_factory.mktemp("alm"), ["a tone rings", "noise hisses", "a bell"] * 20)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["caption"] = {"backend": {"model": str(alm), "window_s": 4.0, "max_new_tokens": 6, "device": "cpu"}}
+    cfg["rerank"] = {"mode": "audio-max+query-sum", "top_n": 3}
+    cfg["serve"] = {"port": port, "backend": {"kind": "bi-encoder", "device": "cpu"}}
+    cfg["search"]["modes"] = list(MODES)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    try:
+        assert main(["search", "--config", str(cfg_path)]) == 0
+        assert main(["caption", "--config", str(cfg_path)]) == 0
+        assert main(["rerank", "--config", str(cfg_path)]) == 0
+        assert main(["evaluate", "--config", str(cfg_path)]) == 0
+    finally:
+        serve.shutdown()
+    short = pq.read_table(run_dir / "shortlist.parquet").to_pandas()
+    wanted = set(short[(short["mode"] == "audio-max+query-sum") & (short["rank"] <= 3)].audio_id)
+    caps = pq.read_table(run_dir / "captions.parquet").to_pandas()
+    assert set(caps.audio_id) == wanted and (caps.status == "ok").all()
+    assert not caps.duplicated(["audio_id", "chunk_index"]).any()
+    assert (caps.groupby("audio_id").chunk_index.min() == -1).all()  # every audio has a timeline caption
+    reranked = pq.read_table(run_dir / "reranked.parquet").to_pandas()
+    n_q = reranked.query_id.nunique()
+    assert len(reranked) == 3 * n_q and np.isfinite(reranked.rerank_score).all()
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert final["n_queries"] == n_q and 0 <= final["R@1"] <= 100
+    assert final["clap_R@1"] == json.loads((run_dir / "metrics.json").read_text())["audio-max+query-sum"]["R@1"]

@@ -1,0 +1,137 @@
+"""Load test of the /rerank Serve app: throughput and latency with server batching on vs off.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_rerank_load.py [--max-requests 200] [--max-seconds 30]
+
+The server (Ray Serve + the bi-encoder backend) runs in this process's Ray session; the load
+comes from a SECOND process (`--client`), so client work does not share the server's event loop.
+Each request: one query, 10 documents, all texts unique per request (the backend de-duplicates
+texts within a batch; repeated texts would flatter batching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+CAPTIONS = [
+    "a dog barks loudly", "rain falls on a tin roof", "a car passes by on a wet street",
+    "a high tone rings", "a low hum drones", "birds chirp in the morning", "a door creaks open",
+    "white noise hisses", "a bell rings twice", "footsteps on gravel",
+]
+
+
+def _payload(k: int) -> dict:
+    return {
+        "query": f"a dog barking while rain falls, recording {k}",
+        "documents": [f"{c}, clip {k}-{j}" for j, c in enumerate(CAPTIONS)],
+        "return_documents": False,
+    }
+
+
+async def _level(url: str, clients: int, max_requests: int, max_seconds: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    deadline = time.perf_counter() + max_seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        for k in range(min(clients, 4)):  # warm-up: connections, first-batch costs
+            await http.post("/rerank", json=_payload(-1 - k))
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < max_requests and time.perf_counter() < deadline:
+                issued += 1
+                t0 = time.perf_counter()
+                r = await http.post("/rerank", json=_payload(issued))
+                latencies.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+
+    return {"clients": clients, "requests": len(latencies), "errors": errors, "wall_s": wall,
+            "rps": len(latencies) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+
+
+def client_main(url: str, levels: list[int], max_requests: int, max_seconds: float) -> None:
+    for n in levels:
+        print(json.dumps(asyncio.run(_level(url, n, max_requests, max_seconds))), flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_load(url: str, levels: list[int], max_requests: int, max_seconds: float) -> list[dict]:
+    cmd = [sys.executable, __file__, "--client", url, "--levels", ",".join(map(str, levels)),
+           "--max-requests", str(max_requests), "--max-seconds", str(max_seconds)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def server_main(args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    from larcq_ray.rerank.app import RerankServeConfig, run_server
+
+    levels = [int(x) for x in args.levels.split(",")]
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    port = _free_port()
+    rows: dict[bool, list[dict]] = {}
+    try:
+        for batching in (True, False):
+            cfg = RerankServeConfig(port=port, batching=batching, max_batch_size=32,
+                                    batch_wait_timeout_s=0.01, max_ongoing_requests=64)
+            url = run_server(cfg, blocking=False, app_name="bench-rerank")
+            rows[batching] = _run_load(url, levels, args.max_requests, args.max_seconds)
+            serve.delete("bench-rerank")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    print(f"{'batching':>8} {'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>8} "
+          f"{'p50 ms':>8} {'p99 ms':>8}")
+    for batching in (True, False):
+        for r in rows[batching]:
+            print(f"{'on' if batching else 'off':>8} {r['clients']:>7} {r['requests']:>8} "
+                  f"{r['errors']:>6} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}")
+    top = max(levels)
+    on = next(r for r in rows[True] if r["clients"] == top)["rps"]
+    off = next(r for r in rows[False] if r["clients"] == top)["rps"]
+    print(f"batching speed-up at {top} clients: {on / off:.2f}x (target >= 5x)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--client", metavar="URL", help="run only the load generator against URL")
+    p.add_argument("--levels", default="1,8,32", help="concurrent clients per level")
+    p.add_argument("--max-requests", type=int, default=200, help="per level")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="per level")
+    args = p.parse_args()
+    if args.client:
+        client_main(args.client, [int(x) for x in args.levels.split(",")], args.max_requests,
+                    args.max_seconds)
+    else:
+        server_main(args)
+
+
+if __name__ == "__main__":
+    main()
