@@ -9,9 +9,10 @@ that is also the backend's default window for it.
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 from typing import Iterable
+
+from larcq_ray.tiny_tokenizer import train_byte_level_bpe
 
 AUDIO_TOKEN = "<|AUDIO|>"
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", AUDIO_TOKEN, "<|audio_eos|>"]
@@ -21,19 +22,13 @@ def build_tiny_qwen2_audio(out_dir: str | Path, texts: Iterable[str], seed: int 
                            chunk_length_s: int = 4, vocab_size: int = 400) -> Path:
     """Train a small byte-level BPE on `texts`, save it with a random Qwen2-Audio to `out_dir`."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (Qwen2Tokenizer, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
                               Qwen2AudioProcessor, WhisperFeatureExtractor)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([*texts, string.digits, string.ascii_letters], trainer=trainer)
+    tok = train_byte_level_bpe(texts, vocab_size, _SPECIALS)
     model_json = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_json["merges"]]
     # Qwen2's own tokenizer class, so the folder loads exactly as a real Qwen2-Audio one does.

@@ -6,9 +6,10 @@ path (chat template, left padding, next-token logits) but its scores carry no me
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 from typing import Iterable
+
+from larcq_ray.tiny_tokenizer import train_byte_level_bpe
 
 # ChatML, as Qwen uses: the prompt ends at the start of the assistant turn.
 _CHAT_TEMPLATE = (
@@ -22,20 +23,13 @@ def build_tiny_causal_lm(out_dir: str | Path, texts: Iterable[str], seed: int = 
                          vocab_size: int = 512) -> Path:
     """Train a small BPE on `texts`, save it with a random 2-layer Qwen2 to `out_dir`; return it."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     # The full byte alphabet makes every single character (so every label) one token.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [*texts, string.digits, string.ascii_letters]
-    tok.train_from_iterator(corpus, trainer=trainer)
+    tok = train_byte_level_bpe(texts, vocab_size, _SPECIALS)
 
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                      pad_token="<|endoftext|>")
