@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from larcq_ray.devices import resolve_device
 from larcq_ray.errors import LarcqError
 
 log = logging.getLogger(__name__)
@@ -68,22 +69,12 @@ def load_tokenizer(name_or_path: str, local_files_only: bool = False):
     return tok
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LarcqError("model.device is 'cuda' but this worker has no CUDA GPU")
-    return device
-
-
 def load_clap_model(name_or_path: str, device: str = "auto", dtype: str = "float32", local_files_only: bool = False):
     import torch
     from transformers import ClapModel
 
     quiet_transformers()
-    dev = resolve_device(device)
+    dev = resolve_device(device, "model.device")
     torch_dtype = getattr(torch, _DTYPES[dtype])
     model = _load(
         "model",

@@ -192,9 +192,9 @@ def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
 
     import torch
 
-    from larcq_ray.clap import resolve_device
+    from larcq_ray.devices import resolve_device
 
-    device = resolve_device(cfg.model.device)
+    device = resolve_device(cfg.model.device, "model.device")
     bar = tqdm(total=len(qs.queries), unit="query", desc="search", disable=not show_progress)
     done = [0]
 

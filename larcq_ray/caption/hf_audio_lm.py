@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from larcq_ray.caption.backends import CaptionBackendConfig
+from larcq_ray.devices import resolve_device
 from larcq_ray.errors import LarcqError
 
 # Where each model family expects the prompt relative to the audio in the user turn (its docs' order).
@@ -92,8 +93,7 @@ class HfAudioLmBackend:
         self.processor.tokenizer.padding_side = "left"  # batched generation continues from the right
         self._text_first = config.model_type in _TEXT_FIRST
 
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        self.device = torch.device(resolve_device(cfg.device, "caption.backend.device"))
         if cfg.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:

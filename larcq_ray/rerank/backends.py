@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 import pydantic
 
+from larcq_ray.devices import resolve_device
 from larcq_ray.errors import LarcqError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,16 +66,6 @@ class RerankBackend(Protocol):
         ...
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LarcqError("rerank device is 'cuda' but no CUDA GPU is visible; use device: auto or cpu")
-    return device
-
-
 def _torch_dtype(name: str) -> "torch.dtype":
     import torch
 
@@ -94,7 +85,7 @@ class BiEncoderBackend:
         self.model_name = cfg.model_name()
         self.batch_size = cfg.batch_size
         try:
-            self.model = SentenceTransformer(self.model_name, device=_resolve_device(cfg.device))
+            self.model = SentenceTransformer(self.model_name, device=resolve_device(cfg.device, "serve.backend.device"))
         except (OSError, ValueError) as exc:
             raise _load_error("bi-encoder", self.model_name, exc) from exc
         if cfg.dtype != "float32":
@@ -126,7 +117,7 @@ class CrossEncoderBackend:
         self.model_name = cfg.model_name()
         self.batch_size = cfg.batch_size
         try:
-            self.model = CrossEncoder(self.model_name, device=_resolve_device(cfg.device))
+            self.model = CrossEncoder(self.model_name, device=resolve_device(cfg.device, "serve.backend.device"))
         except (OSError, ValueError) as exc:
             raise _load_error("cross-encoder", self.model_name, exc) from exc
         if cfg.dtype != "float32":
@@ -171,7 +162,7 @@ class TransformersListwiseBackend:
         self.batch_size = cfg.batch_size
         self.max_docs = cfg.max_documents_per_prompt
         self.template = listwise.check_template(cfg.prompt_template or listwise.DEFAULT_TEMPLATE)
-        self.device = _resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, "serve.backend.device")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
             self.model = AutoModelForCausalLM.from_pretrained(self.model_name,
