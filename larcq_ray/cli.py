@@ -8,6 +8,7 @@ Errors the user can fix print as one message and exit 2; nothing prints a traceb
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -41,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("rerank", "re-rank the shortlist from its captions through the /rerank service (reranked.parquet)"),
         ("serve", "run the /rerank Ray Serve application until stopped"),
     ]:
-        _add_common(sub.add_parser(name, help=help_))
+        p = sub.add_parser(name, help=help_)
+        _add_common(p)
+        if name == "caption":
+            p.add_argument("--audio-ids", help="caption the ids listed in this file (.txt one per line, .csv or "
+                                               ".parquet with an audio_id column) instead of the shortlist")
     demo = sub.add_parser("demo", help="offline demo: synthetic benchmark + tiny CLAP + the whole pipeline")
     demo.add_argument("--out", required=True, help="folder for the benchmark, model and run")
     demo.add_argument("--audios", type=int, default=16, help="number of long audios")
@@ -58,6 +63,8 @@ def _config(args):
         overrides.append(f"run_dir={args.run_dir}")
     if args.address:
         overrides.append(f"ray.address={args.address}")
+    if getattr(args, "audio_ids", None):
+        overrides.append(f"caption.audio_ids={json.dumps(args.audio_ids)}")  # quoted: stays a string
     return load_config(args.config, overrides)
 
 
@@ -104,15 +111,19 @@ def cmd_evaluate(cfg) -> None:
 
 
 def cmd_caption(cfg) -> None:
-    from larcq_ray.caption.pipeline import run_caption, unique_audio_ids_from_shortlist
+    from larcq_ray.caption.pipeline import read_audio_id_list, run_caption, unique_audio_ids_from_shortlist
     from larcq_ray.inputs import AudioRef, corpus_root
 
     run_dir, cc = Path(cfg.run_dir), cfg.caption
-    mode, top_n = cc.mode or cfg.rerank.mode, cc.top_n or cfg.rerank.top_n
-    ids = unique_audio_ids_from_shortlist(run_dir / "shortlist.parquet", modes=[mode], top_n=top_n)
+    if cc.audio_ids:
+        ids = read_audio_id_list(cc.audio_ids)
+        source = f"listed in {cc.audio_ids}"
+    else:
+        mode, top_n = cc.mode or cfg.rerank.mode, cc.top_n or cfg.rerank.top_n
+        ids = unique_audio_ids_from_shortlist(run_dir / "shortlist.parquet", modes=[mode], top_n=top_n)
+        source = f"top {top_n} of the {mode} shortlist"
     root = corpus_root(cfg.data)
-    log.info("captioning %d unique audios (top %d of the %s shortlist) with %s", len(ids), top_n, mode,
-             cc.backend.model)
+    log.info("captioning %d unique audios (%s) with %s", len(ids), source, cc.backend.model)
     summary = run_caption([AudioRef(a, str(root / a)) for a in ids], cc.backend, run_dir / "captions.parquet",
                           num_actors=cc.num_actors, num_gpus=cc.num_gpus_per_actor, address=cfg.ray.address,
                           show_progress=True)
@@ -142,18 +153,21 @@ def cmd_serve(cfg) -> None:
 
 
 def cmd_rerank(cfg) -> None:
-    from larcq_ray.rerank_job import HttpRerankClient, rerank_shortlist
+    from larcq_ray.rerank_job import SERVE_SCHEME, make_client, rerank_shortlist
 
     started = False
-    url, key = cfg.rerank.endpoint, cfg.rerank.api_key
-    if url is None:  # no endpoint given: deploy the service in this Ray cluster for the job
+    endpoint, key = cfg.rerank.endpoint, cfg.rerank.api_key
+    if endpoint is None or endpoint.startswith(SERVE_SCHEME):
         from larcq_ray.ray_session import ensure_ray
-        from larcq_ray.rerank.app import run_server
 
         ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
-        url, key, started = run_server(cfg.serve, blocking=False), cfg.serve.api_key, True
+    if endpoint is None:  # deploy the service in this Ray cluster for the job, call it by handle
+        from larcq_ray.rerank.app import APP_NAME, run_server
+
+        run_server(cfg.serve, blocking=False)
+        endpoint, started = SERVE_SCHEME + APP_NAME, True
     try:
-        meta = rerank_shortlist(Path(cfg.run_dir), cfg.rerank, HttpRerankClient(url, key))
+        meta = rerank_shortlist(Path(cfg.run_dir), cfg.rerank, make_client(endpoint, key))
     finally:
         if started:
             from ray import serve
@@ -162,7 +176,7 @@ def cmd_rerank(cfg) -> None:
 
             serve.delete(APP_NAME)
     log.info("re-ranked the top %d of %d queries (%s shortlist) via %s: %s", meta["top_n"], meta["n_queries"],
-             meta["mode"], url, Path(cfg.run_dir) / "reranked.parquet")
+             meta["mode"], endpoint, Path(cfg.run_dir) / "reranked.parquet")
 
 
 def cmd_run(cfg) -> None:

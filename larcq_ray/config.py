@@ -100,7 +100,9 @@ class RayConfig(_Strict):
 
 class CaptionStageConfig(_Strict):
     backend: CaptionBackendConfig = Field(default_factory=CaptionBackendConfig)
-    # Which audios: the top `top_n` of mode `mode`'s shortlist (None: the rerank section's values).
+    # Which audios: the ids listed in `audio_ids` (a .txt / .csv / .parquet file), else the top
+    # `top_n` of mode `mode`'s shortlist (None: the rerank section's values).
+    audio_ids: Optional[str] = None
     mode: Optional[str] = None
     top_n: Optional[int] = Field(None, ge=1)
     num_actors: int = Field(1, ge=1)

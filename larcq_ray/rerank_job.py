@@ -49,7 +49,10 @@ class RerankJobConfig(BaseModel):
     query_vote: Literal["sum", "max"] = "sum"
     fusion: Literal["rerank", "weighted"] = "rerank"
     clap_weight: float = Field(0.0, ge=0.0, le=1.0)
-    endpoint: Optional[str] = None  # URL of a running /rerank service; None: start one in this cluster
+    # Where the /rerank service is: None starts one in this Ray cluster for the job and calls it
+    # through a Serve handle; "serve://APP" uses a running app of this cluster through a handle;
+    # "http(s)://HOST:PORT" calls any endpoint of the Cohere/Jina/vLLM rerank shape.
+    endpoint: Optional[str] = None
     api_key: Optional[str] = None
     concurrency: int = Field(16, ge=1)  # requests in flight, so the service can batch them
 
@@ -81,6 +84,43 @@ class HttpRerankClient:
         for item in r.json()["results"]:
             scores[item["index"]] = float(item["relevance_score"])
         return scores
+
+
+class ServeHandleRerankClient:
+    """Calls the re-rank deployment through a Serve handle: for jobs running in the same Ray
+    cluster as the app (no HTTP proxy hop, no port to expose). Requests from concurrent threads
+    still meet in the replica's batch queue."""
+
+    def __init__(self, app_name: str, timeout_s: float = 300.0):
+        from ray import serve
+
+        try:
+            self.handle = serve.get_app_handle(app_name)
+        except Exception as e:  # noqa: BLE001 - e.g. no Serve instance or no such app
+            raise LarcqError(f"no Serve application {app_name!r} in this Ray cluster: {e}") from e
+        self.app_name, self.timeout_s = app_name, timeout_s
+
+    def rerank(self, query: str, documents: list[str]) -> list[float]:
+        try:
+            scores = self.handle.score.remote(query, documents).result(timeout_s=self.timeout_s)
+        except Exception as e:  # noqa: BLE001 - Ray wraps the replica's error; keep its last line
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            raise LarcqError(f"re-rank app {self.app_name!r} failed: {lines[-1] if lines else type(e).__name__}") from e
+        if len(scores) != len(documents):
+            raise LarcqError(f"re-rank app {self.app_name!r} returned {len(scores)} scores for {len(documents)} documents")
+        return [float(s) for s in scores]
+
+
+SERVE_SCHEME = "serve://"
+
+
+def make_client(endpoint: str, api_key: str | None = None) -> RerankClient:
+    """`serve://APP` -> a Serve handle to APP in this Ray cluster; http(s)://... -> HTTP."""
+    if endpoint.startswith(SERVE_SCHEME):
+        return ServeHandleRerankClient(endpoint[len(SERVE_SCHEME):] or "larcq-rerank")
+    if endpoint.startswith(("http://", "https://")):
+        return HttpRerankClient(endpoint, api_key)
+    raise LarcqError(f"rerank.endpoint {endpoint!r}: expected http(s)://HOST:PORT or serve://APP_NAME")
 
 
 @dataclass

@@ -147,3 +147,34 @@ def test_unique_audio_ids_from_shortlist(tmp_path):
         unique_audio_ids_from_shortlist(path, modes=["nope"])
     with pytest.raises(LarcqError, match="no shortlist"):
         unique_audio_ids_from_shortlist(tmp_path / "missing.parquet")
+
+
+def test_caption_cli_from_a_plain_id_list(ray_session, tiny_alm, tmp_path, capsys):
+    """`larcq-ray caption --audio-ids FILE`: no shortlist needed; an id with no file ends as a failed row."""
+    import yaml
+
+    from larcq_ray.caption.pipeline import read_audio_id_list
+    from larcq_ray.cli import main
+
+    _corpus(tmp_path / "audio")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# to caption\na.wav\n\nb.wav\na.wav\nmissing.wav\n")
+    assert read_audio_id_list(ids) == ["a.wav", "b.wav", "missing.wav"]
+    cfg = {"run_dir": str(tmp_path / "run"), "data": {"corpus": str(tmp_path / "audio")},
+           "caption": {"backend": {"model": str(tiny_alm), "max_new_tokens": 4, "local_files_only": True,
+                                   "window_s": 2.0}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["caption", "--config", str(tmp_path / "c.yaml"), "--audio-ids", str(ids)]) == 0
+    t = pq.read_table(tmp_path / "run" / "captions.parquet").to_pandas()
+    assert sorted(t.audio_id.unique()) == ["a.wav", "b.wav", "missing.wav"]
+    assert (t[t.audio_id != "missing.wav"].status == "ok").all()
+    missing = t[t.audio_id == "missing.wav"]
+    assert len(missing) == 1 and missing.status.iloc[0] == "failed" and missing.error.iloc[0]
+
+    pq.write_table(pa.table({"audio_id": ["c.flac"], "other": [1]}), tmp_path / "ids.parquet")
+    assert read_audio_id_list(tmp_path / "ids.parquet") == ["c.flac"]
+    (tmp_path / "ids.csv").write_text("query,audio_id\nx,c.flac\ny,a.wav\n")
+    assert read_audio_id_list(tmp_path / "ids.csv") == ["c.flac", "a.wav"]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    assert main(["caption", "--config", str(tmp_path / "c.yaml"), "--audio-ids", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no ids" in capsys.readouterr().err

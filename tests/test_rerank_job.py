@@ -112,3 +112,36 @@ def test_rerank_without_captions_is_a_clear_error(run_dir, tmp_path, capsys):
         assert "no captions" in capsys.readouterr().err
     finally:
         (tmp_path / "captions.parquet").rename(run_dir / "captions.parquet")
+
+
+def test_rerank_through_an_existing_http_endpoint_and_a_named_serve_app(run_dir, tmp_path):
+    """The job's three ways to the service: its own app by handle (tests above), an existing app
+    of the cluster by name (serve://), and any endpoint over HTTP; all give the same ranking."""
+    from ray import serve
+
+    from larcq_ray.rerank.app import RerankServeConfig, run_server
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    url = run_server(RerankServeConfig.model_validate(cfg["serve"]), blocking=False, app_name="shared-rerank")
+    try:
+        orders = []
+        for endpoint in ("serve://shared-rerank", url):
+            cfg["rerank"]["endpoint"] = endpoint
+            (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+            assert main(["rerank", "--config", str(tmp_path / "c.yaml")]) == 0
+            t = pq.read_table(run_dir / "reranked.parquet").to_pandas().sort_values(["query_id", "rank"])
+            orders.append(t[["query_id", "audio_id"]].values.tolist())
+            assert t[t["rank"] == 1].audio_id.tolist() == ["dog_rain.wav", "bell_car.wav"]
+        assert orders[0] == orders[1]
+    finally:
+        serve.delete("shared-rerank")
+
+
+def test_rerank_endpoint_errors_are_clear(run_dir, tmp_path, capsys):
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for endpoint, expected in [("serve://no-such-app", "no Serve application 'no-such-app'"),
+                               ("ftp://example", "expected http(s)://HOST:PORT or serve://APP_NAME")]:
+        cfg["rerank"]["endpoint"] = endpoint
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["rerank", "--config", str(tmp_path / "c.yaml")]) == 2
+        assert expected in capsys.readouterr().err

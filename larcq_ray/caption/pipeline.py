@@ -270,3 +270,32 @@ def unique_audio_ids_from_shortlist(shortlist_parquet: str | Path, modes: Iterab
         t = t[t["rank"] <= top_n]
     t = t.sort_values(["rank", "query_id", "mode"], kind="stable")
     return list(dict.fromkeys(t["audio_id"].astype(str)))
+
+
+def read_audio_id_list(path: str | Path) -> list[str]:
+    """Audio ids from a file: .txt (one per line, '#' comments), .csv (an `audio_id` column, else
+    the first column) or .parquet (an `audio_id` column). Order kept, duplicates dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise LarcqError(f"audio id list {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        names = pq.read_schema(path).names
+        if "audio_id" not in names:
+            raise LarcqError(f"{path} has no audio_id column (columns: {names})")
+        ids = [str(x) for x in pq.read_table(path, columns=["audio_id"]).column("audio_id").to_pylist() if x is not None]
+    elif suffix == ".csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            raise LarcqError(f"{path} is empty")
+        col = rows[0].index("audio_id") if "audio_id" in rows[0] else 0
+        ids = [r[col].strip() for r in rows[1:] if len(r) > col and r[col].strip()]
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        ids = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not ids:
+        raise LarcqError(f"audio id list {path} holds no ids")
+    return list(dict.fromkeys(ids))

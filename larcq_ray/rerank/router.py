@@ -193,6 +193,19 @@ class RerankDeployment:
             return error_response(503, f"the rerank backend is not healthy: {e}", "unavailable")
         return HealthResponse(status="ok", model=self.serving.model_name)
 
+    async def score(self, query: str, documents: list[str]) -> list[float]:
+        """Handle entry point (`handle.score.remote(query, docs)`) for jobs in the same cluster.
+
+        Joins the same batch queue as HTTP requests; no auth, no body limits (in-cluster callers
+        are trusted code), but the document cap still holds.
+        """
+        if not query or not documents:
+            raise ValueError("query and documents must not be empty")
+        if len(documents) > self.cfg.max_documents:
+            raise ValueError(f"{len(documents)} documents is over the limit of {self.cfg.max_documents}")
+        scores, _ = await self.serving.score(query, list(documents))
+        return scores
+
     async def check_health(self) -> None:
         # Serve calls this periodically; raising marks the replica unhealthy and restarts it.
         await self.serving.probe()
