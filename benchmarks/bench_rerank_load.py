@@ -1,8 +1,11 @@
 """Load test of the /rerank Serve app: throughput and latency with server batching on vs off.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_rerank_load.py [--max-requests 200] [--max-seconds 30]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_rerank_load.py [--backend bi-encoder|transformers]
+        [--max-requests 200] [--max-seconds 30]
 
-The server (Ray Serve + the bi-encoder backend) runs in this process's Ray session; the load
+Backends: `bi-encoder` is the shipped MiniLM; `transformers` is the listwise backend on a random
+Qwen2 of 4 layers x 256 built offline (its cost is what counts here, not its scores).
+The server (Ray Serve + the backend) runs in this process's Ray session; the load
 comes from a SECOND process (`--client`), so client work does not share the server's event loop.
 Each request: one query, 10 documents, all texts unique per request (the backend de-duplicates
 texts within a batch; repeated texts would flatter batching).
@@ -85,6 +88,20 @@ def _run_load(url: str, levels: list[int], max_requests: int, max_seconds: float
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+def _backend_config(kind: str):
+    from larcq_ray.rerank.backends import RerankBackendConfig
+
+    if kind == "bi-encoder":
+        return RerankBackendConfig(kind="bi-encoder", device="cpu")
+    import tempfile
+
+    from larcq_ray.rerank.tiny_lm import build_tiny_causal_lm
+
+    texts = [c for k in range(50) for c in _payload(k)["documents"]]
+    model = build_tiny_causal_lm(tempfile.mkdtemp(prefix="bench_lm_"), texts, hidden_size=256, num_layers=4)
+    return RerankBackendConfig(kind="transformers", model=str(model), device="cpu")
+
+
 def server_main(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
@@ -92,13 +109,14 @@ def server_main(args: argparse.Namespace) -> None:
     from larcq_ray.rerank.app import RerankServeConfig, run_server
 
     levels = [int(x) for x in args.levels.split(",")]
+    backend = _backend_config(args.backend)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     port = _free_port()
     rows: dict[bool, list[dict]] = {}
     try:
         for batching in (True, False):
-            cfg = RerankServeConfig(port=port, batching=batching, max_batch_size=32,
+            cfg = RerankServeConfig(backend=backend, port=port, batching=batching, max_batch_size=32,
                                     batch_wait_timeout_s=0.01, max_ongoing_requests=64)
             url = run_server(cfg, blocking=False, app_name="bench-rerank")
             rows[batching] = _run_load(url, levels, args.max_requests, args.max_seconds)
@@ -116,12 +134,13 @@ def server_main(args: argparse.Namespace) -> None:
     top = max(levels)
     on = next(r for r in rows[True] if r["clients"] == top)["rps"]
     off = next(r for r in rows[False] if r["clients"] == top)["rps"]
-    print(f"batching speed-up at {top} clients: {on / off:.2f}x (target >= 5x)")
+    print(f"{args.backend}: batching speed-up at {top} clients: {on / off:.2f}x (target >= 5x)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--client", metavar="URL", help="run only the load generator against URL")
+    p.add_argument("--backend", choices=["bi-encoder", "transformers"], default="bi-encoder")
     p.add_argument("--levels", default="1,8,32", help="concurrent clients per level")
     p.add_argument("--max-requests", type=int, default=200, help="per level")
     p.add_argument("--max-seconds", type=float, default=30.0, help="per level")

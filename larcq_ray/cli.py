@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("caption", "caption every window of the shortlisted audios with an audio-language model (captions.parquet)"),
         ("rerank", "re-rank the shortlist from its captions through the /rerank service (reranked.parquet)"),
         ("serve", "run the /rerank Ray Serve application until stopped"),
+        ("synthesize", "build a LARCQ benchmark (long audios + long queries) from a captioned clip dataset"),
+        ("benchmark", "the full benchmark run: synthesize -> index -> search -> caption -> rerank -> evaluate"),
     ]:
         p = sub.add_parser(name, help=help_)
         _add_common(p)
@@ -68,8 +70,20 @@ def _config(args):
     return load_config(args.config, overrides)
 
 
+def cmd_synthesize(cfg) -> None:
+    from larcq_ray.synthesis.pipeline import run_synthesize
+
+    sc = cfg.synthesize
+    log.info("synthesizing %d long audios from %s into %s", sc.n_audios, sc.captions_csv, sc.out_dir)
+    summary = run_synthesize(sc, address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    for line in summary.lines():
+        log.info(line)
+    if summary.failed:
+        raise LarcqError(f"{len(summary.failed)} of {summary.planned} long audios failed and are left out of "
+                         f"queries.csv (reasons in {sc.out_dir}/synthesis_report.json); re-run to retry them")
+
+
 def cmd_index(cfg) -> None:
-    from larcq_ray.config import dump_config
     from larcq_ray.index_pipeline import run_index
     from larcq_ray.inputs import check_queries_against_corpus, corpus_root, list_corpus, queries_csv_path, read_queries
 
@@ -78,7 +92,6 @@ def cmd_index(cfg) -> None:
         check_queries_against_corpus(read_queries(queries_csv_path(cfg.data)), {r.audio_id for r in refs},
                                      corpus_root(cfg.data))
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
     log.info("indexing %d files from %s into %s", len(refs), corpus_root(cfg.data), Path(cfg.run_dir) / "index")
     t0 = time.time()
     summary = run_index(cfg, refs)
@@ -179,11 +192,42 @@ def cmd_rerank(cfg) -> None:
              meta["mode"], endpoint, Path(cfg.run_dir) / "reranked.parquet")
 
 
+def _stage_steps() -> dict:
+    return {"synthesize": cmd_synthesize, "index": cmd_index, "search": cmd_search, "caption": cmd_caption,
+            "rerank": cmd_rerank, "evaluate": cmd_evaluate}
+
+
 def cmd_run(cfg) -> None:
-    steps = {"index": cmd_index, "search": cmd_search, "caption": cmd_caption, "rerank": cmd_rerank,
-             "evaluate": cmd_evaluate}
+    steps = _stage_steps()
     for stage in [s for s in steps if s in cfg.stages]:  # always in pipeline order
         steps[stage](cfg)
+
+
+def cmd_benchmark(cfg) -> None:
+    from larcq_ray.config import ALL_STAGES
+
+    if not cfg.data.benchmark and not cfg.data.corpus:
+        raise LarcqError("the benchmark run needs data.benchmark (set it to synthesize.out_dir)")
+    cmd_run(cfg.model_copy(update={"stages": list(ALL_STAGES)}))
+
+
+# Commands whose artifacts go to run_dir: a remote run_dir (s3://...) is staged around them.
+_RUN_DIR_COMMANDS = {"index", "search", "evaluate", "caption", "rerank", "run", "benchmark"}
+
+
+def run_command(command: str, cfg) -> None:
+    from larcq_ray.config import dump_config
+    from larcq_ray.storage import staged_run_dir
+
+    commands = {**_stage_steps(), "run": cmd_run, "benchmark": cmd_benchmark, "serve": cmd_serve}
+    if command not in _RUN_DIR_COMMANDS:
+        commands[command](cfg)
+        return
+    with staged_run_dir(cfg.run_dir) as local:
+        if command in ("index", "run", "benchmark"):
+            local.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, local / "config.yaml")  # as given: run_dir stays the user's location
+        commands[command](cfg.model_copy(update={"run_dir": str(local)}))
 
 
 def cmd_demo(args) -> None:
@@ -220,12 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             cmd_demo(args)
         else:
-            cfg = _config(args)
-            {"index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "run": cmd_run,
-             "caption": cmd_caption, "rerank": cmd_rerank, "serve": cmd_serve}[args.command](cfg)
+            run_command(args.command, _config(args))
         return 0
     except KeyboardInterrupt:
-        hint = "; committed index parts are kept, re-run to resume" if args.command in ("index", "run", "demo") else ""
+        hint = "; finished work is kept, re-run to resume" if args.command in ("index", "run", "demo", "synthesize", "benchmark") else ""
         print(f"larcq-ray {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages

@@ -17,6 +17,7 @@ from larcq_ray.caption.backends import CaptionBackendConfig
 from larcq_ray.rerank.app import RerankServeConfig
 from larcq_ray.rerank_job import RerankJobConfig
 from larcq_ray.scoring import MODES
+from larcq_ray.synthesis.config import SynthesizeConfig
 
 
 class _Strict(BaseModel):
@@ -109,14 +110,19 @@ class CaptionStageConfig(_Strict):
     num_gpus_per_actor: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
 
 
-STAGES = ("index", "search", "caption", "rerank", "evaluate")
+# Pipeline order. `run` does the config's `stages` (default: the retrieval ones); the benchmark
+# job (`larcq-ray benchmark`) does them all, building the benchmark first.
+ALL_STAGES = ("synthesize", "index", "search", "caption", "rerank", "evaluate")
+STAGES = ALL_STAGES[1:]
 
 
 class PipelineConfig(_Strict):
+    # A local path or a pyarrow filesystem URI (s3://bucket/run, gs://..., file://...).
     run_dir: str = "runs/default"
-    # What `larcq-ray run` does, in this order (a subset of STAGES).
-    stages: list[Literal["index", "search", "caption", "rerank", "evaluate"]] = Field(
+    # What `larcq-ray run` does, in this order (a subset of ALL_STAGES).
+    stages: list[Literal["synthesize", "index", "search", "caption", "rerank", "evaluate"]] = Field(
         default_factory=lambda: list(STAGES))
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)

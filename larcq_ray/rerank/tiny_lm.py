@@ -20,8 +20,9 @@ _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def build_tiny_causal_lm(out_dir: str | Path, texts: Iterable[str], seed: int = 0,
-                         vocab_size: int = 512) -> Path:
-    """Train a small BPE on `texts`, save it with a random 2-layer Qwen2 to `out_dir`; return it."""
+                         vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """Train a small BPE on `texts`, save it with a random Qwen2 (2 layers of 64 by default) to
+    `out_dir`; return it. Larger sizes serve load benchmarks (cost, not quality)."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -36,8 +37,9 @@ def build_tiny_causal_lm(out_dir: str | Path, texts: Iterable[str], seed: int = 
     hf_tok.chat_template = _CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
 
-    config = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    config = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, tie_word_embeddings=True,
                          eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
     torch.manual_seed(seed)
