@@ -42,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("rerank", "re-rank the shortlist from its captions through the /rerank service (reranked.parquet)"),
         ("serve", "run the /rerank Ray Serve application until stopped"),
         ("synthesize", "build a LARCQ benchmark (long audios + long queries) from a captioned clip dataset"),
-        ("benchmark", "the full benchmark run: synthesize -> index -> search -> caption -> rerank -> evaluate"),
+        ("refine", "rewrite the benchmark's raw queries with an LLM (queries_condensed.csv / queries_rephrased.csv)"),
+        ("benchmark", "the full benchmark run: synthesize -> refine (if refine.mode) -> index -> search -> caption "
+                      "-> rerank -> evaluate"),
     ]:
         p = sub.add_parser(name, help=help_)
         _add_common(p)
+        if name == "refine":
+            p.add_argument("--mode", choices=["condense", "rephrase"], help="overrides refine.mode")
         if name == "caption":
             p.add_argument("--audio-ids", help="caption the ids listed in this file (.txt one per line, .csv or "
                                                ".parquet with an audio_id column) instead of the shortlist")
@@ -65,6 +69,8 @@ def _config(args):
         overrides.append(f"run_dir={args.run_dir}")
     if args.address:
         overrides.append(f"ray.address={args.address}")
+    if getattr(args, "mode", None):
+        overrides.append(f"refine.mode={args.mode}")
     if getattr(args, "audio_ids", None):
         overrides.append(f"caption.audio_ids={json.dumps(args.audio_ids)}")  # quoted: stays a string
     return load_config(args.config, overrides)
@@ -81,6 +87,22 @@ def cmd_synthesize(cfg) -> None:
     if summary.failed:
         raise LarcqError(f"{len(summary.failed)} of {summary.planned} long audios failed and are left out of "
                          f"queries.csv (reasons in {sc.out_dir}/synthesis_report.json); re-run to retry them")
+
+
+def cmd_refine(cfg) -> str:
+    """Runs refine; returns the refined queries CSV (the stages after it search with it)."""
+    from larcq_ray.refine.pipeline import run_refine
+
+    if not cfg.refine.mode:
+        raise LarcqError("refine needs a mode: --mode condense|rephrase, or refine.mode in the config")
+    if not cfg.data.benchmark:
+        raise LarcqError("refine needs data.benchmark (the folder holding queries.csv)")
+    log.info("refining the queries of %s (%s) with %s", cfg.data.benchmark, cfg.refine.mode, cfg.refine.model)
+    summary = run_refine(Path(cfg.data.benchmark), cfg.refine.mode, cfg.refine, address=cfg.ray.address)
+    log.info("%d queries: %d rewritten, %d flagged (raw query kept), %d errors (raw query kept), %d resumed; %s "
+             "(reasons in %s)", summary["n_rows"], summary["n_rewritten"], summary["n_flagged"], summary["n_errors"],
+             summary["n_resumed"], summary["out_path"], summary["report_path"])
+    return str(summary["out_path"])
 
 
 def cmd_index(cfg) -> None:
@@ -193,22 +215,25 @@ def cmd_rerank(cfg) -> None:
 
 
 def _stage_steps() -> dict:
-    return {"synthesize": cmd_synthesize, "index": cmd_index, "search": cmd_search, "caption": cmd_caption,
-            "rerank": cmd_rerank, "evaluate": cmd_evaluate}
+    return {"synthesize": cmd_synthesize, "refine": cmd_refine, "index": cmd_index, "search": cmd_search,
+            "caption": cmd_caption, "rerank": cmd_rerank, "evaluate": cmd_evaluate}
 
 
 def cmd_run(cfg) -> None:
     steps = _stage_steps()
     for stage in [s for s in steps if s in cfg.stages]:  # always in pipeline order
-        steps[stage](cfg)
+        result = steps[stage](cfg)
+        if stage == "refine" and not cfg.data.queries_csv:  # later stages search the refined queries
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"queries_csv": result})})
 
 
 def cmd_benchmark(cfg) -> None:
     from larcq_ray.config import ALL_STAGES
 
-    if not cfg.data.benchmark and not cfg.data.corpus:
+    if not cfg.data.benchmark:
         raise LarcqError("the benchmark run needs data.benchmark (set it to synthesize.out_dir)")
-    cmd_run(cfg.model_copy(update={"stages": list(ALL_STAGES)}))
+    stages = [s for s in ALL_STAGES if s != "refine" or cfg.refine.mode]
+    cmd_run(cfg.model_copy(update={"stages": stages}))
 
 
 # Commands whose artifacts go to run_dir: a remote run_dir (s3://...) is staged around them.

@@ -17,6 +17,7 @@ from larcq_ray.caption.backends import CaptionBackendConfig
 from larcq_ray.rerank.app import RerankServeConfig
 from larcq_ray.rerank_job import RerankJobConfig
 from larcq_ray.scoring import MODES
+from larcq_ray.refine.config import RefineConfig
 from larcq_ray.synthesis.config import SynthesizeConfig
 
 
@@ -112,17 +113,18 @@ class CaptionStageConfig(_Strict):
 
 # Pipeline order. `run` does the config's `stages` (default: the retrieval ones); the benchmark
 # job (`larcq-ray benchmark`) does them all, building the benchmark first.
-ALL_STAGES = ("synthesize", "index", "search", "caption", "rerank", "evaluate")
-STAGES = ALL_STAGES[1:]
+ALL_STAGES = ("synthesize", "refine", "index", "search", "caption", "rerank", "evaluate")
+STAGES = ALL_STAGES[2:]
 
 
 class PipelineConfig(_Strict):
     # A local path or a pyarrow filesystem URI (s3://bucket/run, gs://..., file://...).
     run_dir: str = "runs/default"
     # What `larcq-ray run` does, in this order (a subset of ALL_STAGES).
-    stages: list[Literal["synthesize", "index", "search", "caption", "rerank", "evaluate"]] = Field(
+    stages: list[Literal["synthesize", "refine", "index", "search", "caption", "rerank", "evaluate"]] = Field(
         default_factory=lambda: list(STAGES))
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)

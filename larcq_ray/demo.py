@@ -56,10 +56,10 @@ def texts_for_models(bench: Path) -> list[str]:
     return texts + [c for kind in EVENT_KINDS for c in kind.captions]
 
 
-def run_demo(out: Path, n_audios: int = 16, seed: int = 0, address: str | None = None) -> dict:
+def prepare_demo(out: Path, n_audios: int = 16, seed: int = 0, address: str | None = None) -> Path:
+    """Write the demo's inputs under `out` (benchmark, tiny CLAP, tiny captioner, config.yaml with
+    absolute paths) without running anything; returns the config's path. Existing inputs are kept."""
     from larcq_ray.caption.tiny_alm import build_tiny_qwen2_audio
-    from larcq_ray.cli import cmd_run
-    from larcq_ray.config import load_config
     from larcq_ray.tiny_clap import build_tiny_clap
 
     out = Path(out).resolve()  # absolute: the config must work from a Ray job's working dir too
@@ -78,8 +78,16 @@ def run_demo(out: Path, n_audios: int = 16, seed: int = 0, address: str | None =
         build_tiny_qwen2_audio(alm_dir, texts_for_models(bench), seed=seed)
     cfg_path = out / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(demo_config(out, address), sort_keys=False))
+    return cfg_path
+
+
+def run_demo(out: Path, n_audios: int = 16, seed: int = 0, address: str | None = None) -> dict:
+    from larcq_ray.cli import run_command
+    from larcq_ray.config import load_config
+
+    cfg_path = prepare_demo(out, n_audios, seed, address)
     cfg = load_config(cfg_path)
-    cmd_run(cfg)  # index -> search -> caption -> rerank -> evaluate
+    run_command("run", cfg)  # index -> search -> caption -> rerank -> evaluate
     log.info("note: the demo's CLAP and captioner have random weights (nothing can be downloaded here), so "
              "retrieval is at chance level (R@1 = %.1f%% for %d audios) and the captions are gibberish that the "
              "(real, trained) MiniLM re-ranker cannot use: the figures show the pipeline runs, not the method's "

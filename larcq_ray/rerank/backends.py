@@ -67,9 +67,9 @@ class RerankBackend(Protocol):
 
 
 def _torch_dtype(name: str) -> "torch.dtype":
-    import torch
+    from larcq_ray.llm import torch_dtype
 
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    return torch_dtype(name)
 
 
 def _load_error(kind: str, model: str, exc: Exception) -> LarcqError:
@@ -154,28 +154,21 @@ class TransformersListwiseBackend:
 
     def __init__(self, cfg: RerankBackendConfig) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from larcq_ray.llm import has_chat_template, load_causal_lm
         from larcq_ray.rerank import listwise
 
         self.model_name = cfg.model_name()
         self.batch_size = cfg.batch_size
         self.max_docs = cfg.max_documents_per_prompt
         self.template = listwise.check_template(cfg.prompt_template or listwise.DEFAULT_TEMPLATE)
-        self.device = resolve_device(cfg.device, "serve.backend.device")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_name,
-                                                              dtype=_torch_dtype(cfg.dtype))
-        except (OSError, ValueError) as exc:
-            raise _load_error("transformers", self.model_name, exc) from exc
-        self.model.to(self.device).eval()
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Left padding + pad token are set by the shared loader (larcq_ray/llm.py).
+        self.tokenizer, self.model, self.device = load_causal_lm(
+            self.model_name, cfg.dtype, cfg.device, what="transformers rerank model",
+            setting="serve.backend.device")
         self.labels = listwise.labels_for(self.max_docs, self.tokenizer)
         self.label_ids = torch.tensor(listwise.label_token_ids(self.tokenizer, self.labels))
-        self._chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self._chat = has_chat_template(self.tokenizer)
 
     def _render(self, query: str, documents: list[str], labels: list[str]) -> str:
         from larcq_ray.rerank import listwise

@@ -90,11 +90,13 @@ def build_prompt(query: str, documents: Sequence[str], template: str, labels: Se
 
 
 def render(tokenizer: Any, prompt: str) -> str:
-    """Chat template (user turn + assistant start) if the tokenizer has one, else prompt + newline."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    return prompt + "\n"
+    """Chat template (user turn + assistant start) if the tokenizer has one, else prompt + newline.
+
+    The rule lives in `larcq_ray.llm.render_chat`, shared with the query refiner.
+    """
+    from larcq_ray.llm import render_chat
+
+    return render_chat(tokenizer, prompt)
 
 
 def scores_from_logits(logits_at_labels: np.ndarray) -> np.ndarray:

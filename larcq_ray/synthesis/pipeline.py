@@ -149,7 +149,8 @@ def run_synthesize(cfg: SynthesizeConfig, address: str | None = None, num_cpus: 
     seq = sum(1 for f in out.list_files(STATE_DIR) if f.rsplit("/", 1)[-1].startswith("done-"))
     if todo:
         compute = ray.data.TaskPoolStrategy(size=cfg.num_workers) if cfg.num_workers else None
-        ds = ray.data.from_items([{"plan": p.to_json()} for p in todo]).map_batches(
+        # One block per long audio: each is its own task, spread over every worker.
+        ds = ray.data.from_items([{"plan": p.to_json()} for p in todo], override_num_blocks=len(todo)).map_batches(
             render_batch, batch_size=1, compute=compute,
             fn_kwargs={"audio_dir": cfg.audio_dir, "out_dir": cfg.out_dir, "rate": rate, "gap_s": cfg.gap_s,
                        "crossfade_s": cfg.crossfade_s, "subtype": cfg.subtype})
