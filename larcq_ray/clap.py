@@ -69,7 +69,9 @@ def load_tokenizer(name_or_path: str, local_files_only: bool = False):
     return tok
 
 
-def load_clap_model(name_or_path: str, device: str = "auto", dtype: str = "float32", local_files_only: bool = False):
+def load_clap_model(name_or_path: str, device: str = "auto", dtype: str = "float32", local_files_only: bool = False,
+                    adapter: str | None = None):
+    """A ClapModel in eval mode; `adapter`: a peft (LoRA) adapter folder merged into it."""
     import torch
     from transformers import ClapModel
 
@@ -81,7 +83,21 @@ def load_clap_model(name_or_path: str, device: str = "auto", dtype: str = "float
         lambda: ClapModel.from_pretrained(name_or_path, dtype=torch_dtype, local_files_only=local_files_only),
         name_or_path,
     )
+    if adapter:
+        model = _merge_adapter(model, adapter)
     return model.to(dev).eval()
+
+
+def _merge_adapter(model, adapter: str):
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise LarcqError(f"model.adapter {adapter!r} is not a peft adapter folder (no adapter_config.json in it)")
+    from peft import PeftModel
+
+    try:
+        # merged, so encoders see a plain ClapModel
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LarcqError(f"cannot apply the adapter {adapter!r} to the model: {str(e).splitlines()[0][:200]}") from None
 
 
 @contextlib.contextmanager
@@ -146,8 +162,9 @@ def _normalize(x):
 
 
 class ClapAudioEncoder:
-    def __init__(self, name_or_path: str, device: str = "auto", dtype: str = "float32", local_files_only: bool = False):
-        self.model = load_clap_model(name_or_path, device, dtype, local_files_only)
+    def __init__(self, name_or_path: str, device: str = "auto", dtype: str = "float32", local_files_only: bool = False,
+                 adapter: str | None = None):
+        self.model = load_clap_model(name_or_path, device, dtype, local_files_only, adapter=adapter)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
 
@@ -169,8 +186,9 @@ class TextEmbeddings:
 
 
 class ClapTextEncoder:
-    def __init__(self, name_or_path: str, device: str = "auto", dtype: str = "float32", local_files_only: bool = False):
-        self.model = load_clap_model(name_or_path, device, dtype, local_files_only)
+    def __init__(self, name_or_path: str, device: str = "auto", dtype: str = "float32", local_files_only: bool = False,
+                 adapter: str | None = None):
+        self.model = load_clap_model(name_or_path, device, dtype, local_files_only, adapter=adapter)
         self.tokenizer = load_tokenizer(name_or_path, local_files_only)
         self.device = next(self.model.parameters()).device
         cfg = self.model.config.text_config

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from larcq_ray.errors import LarcqError
+from larcq_ray.errors import LarcqError, user_message  # noqa: F401 - user_message is part of the CLI's API
 
 log = logging.getLogger("larcq_ray")
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "run the /rerank Ray Serve application until stopped"),
         ("synthesize", "build a LARCQ benchmark (long audios + long queries) from a captioned clip dataset"),
         ("refine", "rewrite the benchmark's raw queries with an LLM (queries_condensed.csv / queries_rephrased.csv)"),
+        ("train-clap", "contrastive CLAP training (full or --lora) on Ray Train (model_best/, train_summary.json)"),
         ("benchmark", "the full benchmark run: synthesize -> refine (if refine.mode) -> index -> search -> caption "
                       "-> rerank -> evaluate"),
     ]:
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         if name == "refine":
             p.add_argument("--mode", choices=["condense", "rephrase"], help="overrides refine.mode")
+        if name == "train-clap":
+            p.add_argument("--lora", action="store_true", help="train LoRA adapters only (sets train.lora.enabled)")
         if name == "caption":
             p.add_argument("--audio-ids", help="caption the ids listed in this file (.txt one per line, .csv or "
                                                ".parquet with an audio_id column) instead of the shortlist")
@@ -71,6 +74,8 @@ def _config(args):
         overrides.append(f"ray.address={args.address}")
     if getattr(args, "mode", None):
         overrides.append(f"refine.mode={args.mode}")
+    if getattr(args, "lora", False):
+        overrides.append("train.lora.enabled=true")
     if getattr(args, "audio_ids", None):
         overrides.append(f"caption.audio_ids={json.dumps(args.audio_ids)}")  # quoted: stays a string
     return load_config(args.config, overrides)
@@ -214,6 +219,16 @@ def cmd_rerank(cfg) -> None:
              meta["mode"], endpoint, Path(cfg.run_dir) / "reranked.parquet")
 
 
+def cmd_train_clap(cfg) -> None:
+    from larcq_ray.train.job import run_train_clap
+
+    s = run_train_clap(cfg)  # needs a local run_dir (not staged: workers write model_best/ into it)
+    log.info("trained %s%s: %d steps (resumed from step %d) on %d pairs, %d inputs skipped; best val R@1 %s "
+             "(epoch %s); model: %s", s["base_model"], " (LoRA)" if s["lora"] else "", s["steps"] or 0,
+             s["resumed_from_step"] or 0, s["n_train_pairs"], s["skipped"]["total"], s["best_val_R@1"],
+             s["best_epoch"], s["paths"]["model_best"])
+
+
 def _stage_steps() -> dict:
     return {"synthesize": cmd_synthesize, "refine": cmd_refine, "index": cmd_index, "search": cmd_search,
             "caption": cmd_caption, "rerank": cmd_rerank, "evaluate": cmd_evaluate}
@@ -244,7 +259,8 @@ def run_command(command: str, cfg) -> None:
     from larcq_ray.config import dump_config
     from larcq_ray.storage import staged_run_dir
 
-    commands = {**_stage_steps(), "run": cmd_run, "benchmark": cmd_benchmark, "serve": cmd_serve}
+    commands = {**_stage_steps(), "run": cmd_run, "benchmark": cmd_benchmark, "serve": cmd_serve,
+                "train-clap": cmd_train_clap}
     if command not in _RUN_DIR_COMMANDS:
         commands[command](cfg)
         return
@@ -261,24 +277,6 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), n_audios=args.audios, seed=args.seed, address=args.address)
 
 
-def user_message(exc: BaseException) -> str | None:
-    """The LarcqError message behind an exception, also when Ray wrapped it in a task error."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, LarcqError):
-            return str(e)
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    text = str(exc)
-    if "LarcqError: " in text:
-        return text.split("LarcqError: ", 1)[1].strip().splitlines()[0]
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -292,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             run_command(args.command, _config(args))
         return 0
     except KeyboardInterrupt:
-        hint = "; finished work is kept, re-run to resume" if args.command in ("index", "run", "demo", "synthesize", "benchmark") else ""
+        hint = "; finished work is kept, re-run to resume" if args.command in ("index", "run", "demo", "synthesize", "benchmark",
+                                                                             "train-clap") else ""
         print(f"larcq-ray {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages

@@ -19,6 +19,7 @@ from larcq_ray.rerank_job import RerankJobConfig
 from larcq_ray.scoring import MODES
 from larcq_ray.refine.config import RefineConfig
 from larcq_ray.synthesis.config import SynthesizeConfig
+from larcq_ray.train.config import TrainClapConfig
 
 
 class _Strict(BaseModel):
@@ -43,6 +44,8 @@ class ModelConfig(_Strict):
     # Seed for CLAP fusion crops, so a long file always gets the same embedding.
     fusion_seed: int = 0
     local_files_only: bool = False
+    # A peft (LoRA) adapter folder (e.g. <train run_dir>/adapter_best) merged into the model on load.
+    adapter: Optional[str] = None
 
 
 class ChunkingConfig(_Strict):
@@ -133,6 +136,7 @@ class PipelineConfig(_Strict):
     rerank: RerankJobConfig = Field(default_factory=RerankJobConfig)
     serve: RerankServeConfig = Field(default_factory=RerankServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    train: TrainClapConfig = Field(default_factory=TrainClapConfig)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

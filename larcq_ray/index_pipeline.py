@@ -111,14 +111,15 @@ def _columns(rows: list[dict]) -> dict:
 class ClapEmbedStage:
     """Actor: loads CLAP once, embeds batches of chunk features."""
 
-    def __init__(self, model: str, device: str, dtype: str, local_files_only: bool, torch_threads: int | None):
+    def __init__(self, model: str, device: str, dtype: str, local_files_only: bool, torch_threads: int | None,
+                 adapter: str | None = None):
         import torch
 
         from larcq_ray.clap import ClapAudioEncoder
 
         if torch_threads:
             torch.set_num_threads(torch_threads)  # Ray sets OMP_NUM_THREADS=num_cpus (1) for actors
-        self.encoder = ClapAudioEncoder(model, device, dtype, local_files_only)
+        self.encoder = ClapAudioEncoder(model, device, dtype, local_files_only, adapter=adapter)
         self.channels = 4 if self.encoder.model.config.audio_config.enable_fusion else 1
 
     def _features(self, raw: bytes, shape) -> np.ndarray:
@@ -172,6 +173,7 @@ def index_meta(cfg: PipelineConfig, sample_rate: int) -> dict:
         "whole_file": cfg.index.whole_file or cfg.index.chunking.mode == "none",
         "fusion_seed": cfg.model.fusion_seed,
         "dtype": cfg.model.dtype,
+        **({"adapter": cfg.model.adapter} if cfg.model.adapter else {}),  # absent when none: old indexes resume
     }
 
 
@@ -223,7 +225,8 @@ def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_prog
         num_gpus=gpus,
         num_cpus=ic.num_cpus_per_actor,
         fn_constructor_kwargs=dict(model=cfg.model.name_or_path, device=cfg.model.device, dtype=cfg.model.dtype,
-                                   local_files_only=cfg.model.local_files_only, torch_threads=threads),
+                                   local_files_only=cfg.model.local_files_only, torch_threads=threads,
+                                   adapter=cfg.model.adapter),
     )
 
     pending: dict[str, list[dict]] = defaultdict(list)

@@ -49,14 +49,15 @@ QUERY_SCHEMA = pa.schema(
 class ClapTextStage:
     """Actor: loads CLAP once, embeds batches of query texts."""
 
-    def __init__(self, model: str, device: str, dtype: str, local_files_only: bool, torch_threads: int | None):
+    def __init__(self, model: str, device: str, dtype: str, local_files_only: bool, torch_threads: int | None,
+                 adapter: str | None = None):
         import torch
 
         from larcq_ray.clap import ClapTextEncoder
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.encoder = ClapTextEncoder(model, device, dtype, local_files_only)
+        self.encoder = ClapTextEncoder(model, device, dtype, local_files_only, adapter=adapter)
 
     def __call__(self, batch: dict) -> dict:
         out = self.encoder([str(t) for t in batch["text"]])
@@ -77,6 +78,7 @@ def _fingerprint(cfg: PipelineConfig, csv_path: Path) -> dict:
     return {
         "model": cfg.model.name_or_path,
         "dtype": cfg.model.dtype,
+        **({"adapter": cfg.model.adapter} if cfg.model.adapter else {}),
         "query_chunking": cfg.search.query_chunking,
         "queries_sha256": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
     }
@@ -105,7 +107,8 @@ def embed_queries(cfg: PipelineConfig, queries: list[Query], out_path: Path) -> 
         num_gpus=gpus,
         num_cpus=1,
         fn_constructor_kwargs=dict(model=cfg.model.name_or_path, device=cfg.model.device, dtype=cfg.model.dtype,
-                                   local_files_only=cfg.model.local_files_only, torch_threads=threads),
+                                   local_files_only=cfg.model.local_files_only, torch_threads=threads,
+                                   adapter=cfg.model.adapter),
     )
     out_rows = []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -171,6 +174,11 @@ def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         raise LarcqError(
             f"the index in {store.root} was built with model {imeta['model']!r} but the config names "
             f"{cfg.model.name_or_path!r}: query and audio embeddings must come from the same model"
+        )
+    if imeta.get("adapter") != cfg.model.adapter:
+        raise LarcqError(
+            f"the index in {store.root} was built with adapter {imeta.get('adapter')!r} but the config names "
+            f"{cfg.model.adapter!r}: query and audio embeddings must come from the same model"
         )
     files = store.read_files()
     recorded = set(files.column("audio_id").to_pylist())

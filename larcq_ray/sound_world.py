@@ -34,6 +34,7 @@ from larcq_ray.errors import LarcqError
 from larcq_ray.synth_events import (
     _add_at,
     _exp_sweep,
+    fade_edges,
     _num_samples,
     _onsets,
     _osc,
@@ -841,11 +842,7 @@ def render(spec: EventSpec, rng: np.random.Generator, duration_s: float, sample_
     """Mono float32 audio of `spec`: faded in/out, peak at the loudness level (+-1 dB), never clipped."""
     n = _num_samples(duration_s, sample_rate)
     x = np.asarray(kind(spec.kind).body(rng, n, int(sample_rate), spec.attributes), dtype=np.float32).copy()
-    fade = min(int(FADE_S * sample_rate), n // 2)
-    if fade > 0:
-        ramp = np.sin((np.arange(fade, dtype=np.float32) + 0.5) * np.float32(0.5 * math.pi / fade)) ** 2
-        x[:fade] *= ramp
-        x[n - fade:] *= ramp[::-1]
+    fade_edges(x, int(sample_rate), FADE_S)
     peak = float(np.max(np.abs(x))) if n else 0.0
     if not math.isfinite(peak) or peak <= 1e-9:
         raise LarcqError(f"{spec.kind} rendered silent or invalid audio ({n} samples at {sample_rate} Hz)")

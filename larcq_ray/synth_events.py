@@ -133,16 +133,22 @@ def _onsets(rng: np.random.Generator, n: int, sr: int, interval_s: tuple[float, 
         pos += float(rng.uniform(*interval_s))
 
 
-def _finish(x: np.ndarray, rng: np.random.Generator, sr: int) -> np.ndarray:
-    """Fade in/out, then scale to a random peak in GAIN_RANGE (<= PEAK_MAX)."""
-    x = np.asarray(x, dtype=np.float32).copy()
+def fade_edges(x: np.ndarray, sr: int, fade_s: float = FADE_S) -> None:
+    """In place: sin^2 fade-in and fade-out of fade_s (at most half the sound each)."""
     n = len(x)
-    fade = min(int(FADE_S * sr), n // 2)
+    fade = min(int(fade_s * sr), n // 2)
     if fade > 0:
         # sin^2 ramp sampled at mid-points: never exactly 0, so tiny renders keep their sound
         ramp = np.sin((np.arange(fade, dtype=np.float32) + 0.5) * np.float32(0.5 * math.pi / fade)) ** 2
         x[:fade] *= ramp
         x[n - fade :] *= ramp[::-1]
+
+
+def _finish(x: np.ndarray, rng: np.random.Generator, sr: int) -> np.ndarray:
+    """Fade in/out, then scale to a random peak in GAIN_RANGE (<= PEAK_MAX)."""
+    x = np.asarray(x, dtype=np.float32).copy()
+    n = len(x)
+    fade_edges(x, sr)
     peak = float(np.max(np.abs(x))) if n else 0.0
     if not math.isfinite(peak) or peak <= 1e-12:
         raise LarcqError(f"synthetic event rendered silent or invalid audio ({n} samples at {sr} Hz)")

@@ -28,64 +28,10 @@ def build_tiny_clap(
     dim: int = 64,
     max_text_tokens: int = 77,
 ) -> Path:
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
-
-    quiet_transformers()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not texts:
-        raise LarcqError("build_tiny_clap needs some text to train its tokenizer on")
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=_SPECIALS,
-                             show_progress=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        bpe.save_model(tmp)  # vocab.json + merges.txt, the files RoBERTa's tokenizer reads
-        tokenizer = RobertaTokenizer.from_pretrained(tmp, model_max_length=max_text_tokens)
-    if len(tokenizer) < MIN_VOCAB:
-        raise LarcqError(f"tiny tokenizer has only {len(tokenizer)} entries: give it more text")
-
-    # truncation must match the audio tower: fusion input for a fused model, plain crops otherwise.
-    extractor = ClapFeatureExtractor(truncation="fusion" if fusion else "rand_trunc")
-    config = ClapConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=dim,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=2 * dim,
-            max_position_embeddings=max_text_tokens + 2,
-            projection_dim=dim,
-        ),
-        audio_config=dict(
-            depths=[1, 1, 1, 1],
-            num_attention_heads=[1, 1, 2, 2],
-            patch_embeds_hidden_size=8,
-            hidden_size=64,  # = patch_embeds_hidden_size * 2**(len(depths) - 1)
-            projection_dim=dim,
-            enable_fusion=fusion,
-        ),
-        projection_dim=dim,
-    )
-    torch.manual_seed(seed)
-    model = ClapModel(config).eval()
-    model.save_pretrained(out)
-    ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
-    (out / MODEL_CARD).write_text(
-        json.dumps(
-            {
-                "built_by": "larcq_ray.tiny_clap.build_tiny_clap",
-                "trained": False,
-                "note": "random weights: retrieval figures with this model are at chance level",
-                "fusion": fusion,
-                "seed": seed,
-            },
-            indent=2,
-        )
-    )
-    return out
+    """The tests' and the demo's CLAP: tiny sizes, random weights (its model card says so)."""
+    return build_fresh_clap(out_dir, texts, fusion=fusion, seed=seed, vocab_size=vocab_size, dim=dim,
+                            max_text_tokens=max_text_tokens, built_by="larcq_ray.tiny_clap.build_tiny_clap",
+                            note="random weights: retrieval figures with this model are at chance level")
 
 
 def read_model_card(name_or_path: str) -> dict:
@@ -97,3 +43,60 @@ def read_model_card(name_or_path: str) -> dict:
         except json.JSONDecodeError:
             return {}
     return {}
+
+
+def build_fresh_clap(
+    out_dir: str | Path,
+    texts: list[str],
+    *,
+    fusion: bool = False,
+    seed: int = 0,
+    vocab_size: int = 1000,
+    dim: int = 64,
+    max_text_tokens: int = 77,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    audio_depths: list[int] = (1, 1, 1, 1),
+    audio_heads: list[int] = (1, 1, 2, 2),
+    patch_embeds_hidden_size: int = 8,
+    built_by: str = "larcq_ray.tiny_clap.build_fresh_clap",
+    note: str = "random weights before training",
+) -> Path:
+    """Like build_tiny_clap with every size a parameter: the start of `train-clap` with init.config."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+
+    quiet_transformers()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not texts:
+        raise LarcqError("a fresh CLAP needs some text to train its tokenizer on")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=_SPECIALS,
+                             show_progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.save_model(tmp)
+        tokenizer = RobertaTokenizer.from_pretrained(tmp, model_max_length=max_text_tokens)
+    if len(tokenizer) < MIN_VOCAB:
+        raise LarcqError(f"the tokenizer trained on the captions has only {len(tokenizer)} entries: give it more text")
+    # truncation must match the audio tower: fusion input for a fused model, plain crops otherwise.
+    extractor = ClapFeatureExtractor(truncation="fusion" if fusion else "rand_trunc")
+    audio_hidden = patch_embeds_hidden_size * 2 ** (len(audio_depths) - 1)
+    config = ClapConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=dim, num_hidden_layers=text_layers,
+                         num_attention_heads=text_heads, intermediate_size=2 * dim,
+                         max_position_embeddings=max_text_tokens + 2, projection_dim=dim),
+        audio_config=dict(depths=list(audio_depths), num_attention_heads=list(audio_heads),
+                          patch_embeds_hidden_size=patch_embeds_hidden_size, hidden_size=audio_hidden,
+                          projection_dim=dim, enable_fusion=fusion),
+        projection_dim=dim,
+    )
+    torch.manual_seed(seed)
+    model = ClapModel(config).eval()
+    model.save_pretrained(out)
+    ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
+    (out / MODEL_CARD).write_text(json.dumps(
+        {"built_by": built_by, "trained": False, "note": note, "fusion": fusion,
+         "seed": seed}, indent=2))
+    return out

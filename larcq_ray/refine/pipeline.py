@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from larcq_ray.errors import LarcqError
+from larcq_ray.errors import LarcqError, user_message
 from larcq_ray.inputs import read_queries
 from larcq_ray.refine.config import RefineConfig
 from larcq_ray.refine.prompts import OUTPUT_STEM, build_prompt, check_mode
@@ -276,22 +276,5 @@ def run_refine(benchmark_dir: Path, mode: str, cfg: RefineConfig, out_path: Path
 
 def _larcq_cause(exc: BaseException) -> LarcqError | None:
     """The LarcqError behind a Ray task/actor failure (e.g. a model that cannot be loaded), if any."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, LarcqError):
-            return LarcqError(str(e))
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        for arg in getattr(e, "args", ()):
-            if isinstance(arg, BaseException):
-                stack.append(arg)
-    # Ray may flatten the cause into the message only.
-    text = str(exc)
-    marker = "LarcqError: "
-    if marker in text:
-        return LarcqError(text.split(marker, 1)[1].strip().splitlines()[0])
-    return None
+    msg = user_message(exc)
+    return None if msg is None else LarcqError(msg)

@@ -1,0 +1,1 @@
+"""`larcq-ray train-clap`: contrastive CLAP training (full or LoRA) on Ray Train."""
