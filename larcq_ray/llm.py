@@ -58,3 +58,21 @@ def render_chat(tokenizer: Any, prompt: str) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              tokenize=False, add_generation_prompt=True)
     return prompt + "\n"
+
+
+def check_prompt_template(template: object, fields: tuple[str, ...], name: str) -> str:
+    """`template` must contain every {field} and format with those alone; returned unchanged.
+
+    Shared by the re-ranker's listwise prompt and refine's prompts, so both reject the same
+    mistakes (a missing placeholder, stray single braces) with the same message.
+    """
+    wanted = " and ".join("{" + f + "}" for f in fields)
+    if not isinstance(template, str) or any("{" + f + "}" not in template for f in fields):
+        raise LarcqError(f"{name} must contain the placeholder(s) {wanted}")
+    try:
+        template.format(**{f: "" for f in fields})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise LarcqError(f"{name} does not format with {wanted} alone ({exc!r}); "
+                         "double literal braces as {{ }}") from exc
+    return template
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from larcq_ray.errors import LarcqError
+from larcq_ray.llm import check_prompt_template
 
 Mode = Literal["condense", "rephrase"]
 MODES: tuple[str, ...] = ("condense", "rephrase")
@@ -46,14 +47,7 @@ def check_mode(mode: str) -> str:
 
 def check_template(template: str, name: str = "refine prompt") -> str:
     """The template must contain `{query}` and format with it alone; return it unchanged."""
-    if not isinstance(template, str) or "{query}" not in template:
-        raise LarcqError(f"{name} must contain the placeholder {{query}} (where the raw query goes)")
-    try:
-        template.format(query="")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise LarcqError(f"{name} does not format with {{query}} alone ({exc!r}); "
-                         "double literal braces as {{ }}") from exc
-    return template
+    return check_prompt_template(template, ("query",), name)
 
 
 def build_prompt(template: str, query: str) -> str:

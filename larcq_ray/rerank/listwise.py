@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from larcq_ray.errors import LarcqError
+from larcq_ray.llm import check_prompt_template
 
 DEFAULT_TEMPLATE = (
     "Query (a description of a long audio recording):\n{query}\n\n"
@@ -44,14 +45,7 @@ Renderer = Callable[[str, list[str], list[str]], str]
 
 def check_template(template: str) -> str:
     """The template must format with exactly {query} and {candidates}; return it unchanged."""
-    if "{query}" not in template or "{candidates}" not in template:
-        raise LarcqError("rerank prompt_template must contain {query} and {candidates}")
-    try:
-        template.format(query="", candidates="")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise LarcqError(f"rerank prompt_template does not format ({exc!r}); "
-                         "double literal braces as {{ }}") from exc
-    return template
+    return check_prompt_template(template, ("query", "candidates"), "rerank prompt_template")
 
 
 def _single_token_id(tokenizer: Any, text: str) -> int | None:
