@@ -1,8 +1,10 @@
 """Retrieval quality of a CLAP trained on sound_world (benchmarks/train_demo_clap.py), on unseen audio + phrasings.
 
-    python benchmarks/bench_sound_world_quality.py --model /tmp/larcq_demo_clap/run/model_best
+    python benchmarks/bench_sound_world_quality.py [--model /tmp/larcq_demo_clap/run/model_best]
         [--out /tmp/larcq_sw_quality] [--seed 1000] [--per-combo 2] [--audios 50] [--window-s 10]
         [--skip-single] [--skip-long]
+
+Without --model it measures the demo's committed CLAP (larcq_ray/demo_clap_weights, assembled).
 
 (a) Single-event text -> audio. Gallery: `--per-combo` fresh clips (seed `--seed`, 2-5 s, 48 kHz) of
     every kind x attribute combination of sound_world (33 kinds, 106 combinations). Queries: every
@@ -21,7 +23,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import time
@@ -32,22 +33,11 @@ import numpy as np
 SR = 48000
 
 
-def all_combos():
-    from larcq_ray import sound_world as sw
-
-    out = []
-    for k in sw.KINDS:
-        names = ("loudness", *k.attributes)
-        for values in itertools.product(*(sw.ATTRIBUTE_VALUES[a] for a in names)):
-            out.append(sw.EventSpec(k.name, dict(zip(names, values))))
-    return out
-
-
 def single_event(model: str, seed: int, per_combo: int, batch: int = 32) -> dict:
     from larcq_ray import sound_world as sw
     from larcq_ray.clap import AudioFeaturizer, ClapAudioEncoder, ClapTextEncoder
 
-    combos = all_combos()
+    combos = sw.all_event_specs()
     rng = np.random.default_rng(seed)
     fz = AudioFeaturizer(model, local_files_only=True)
     aenc = ClapAudioEncoder(model, device="cpu", local_files_only=True)
@@ -152,7 +142,7 @@ def _mode_table(metrics: dict) -> dict[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="a CLAP folder (default: the demo's committed model, assembled under --out)")
     p.add_argument("--out", default="/tmp/larcq_sw_quality")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--per-combo", type=int, default=2)
@@ -162,9 +152,14 @@ def main() -> None:
     p.add_argument("--skip-long", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    model = str(Path(args.model).resolve())
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model = str(Path(args.model).resolve())
+    else:
+        from larcq_ray.demo_clap import assemble_demo_clap
+
+        model = str(assemble_demo_clap(out / "demo_clap"))
     report = {"model": model, "args": vars(args)}
 
     if not args.skip_single:

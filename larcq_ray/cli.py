@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "caption":
             p.add_argument("--audio-ids", help="caption the ids listed in this file (.txt one per line, .csv or "
                                                ".parquet with an audio_id column) instead of the shortlist")
-    demo = sub.add_parser("demo", help="offline demo: synthetic benchmark + tiny CLAP + the whole pipeline")
+    demo = sub.add_parser("demo", help="offline demo: sound-world benchmark + the trained demo CLAP + the whole pipeline")
     demo.add_argument("--out", required=True, help="folder for the benchmark, model and run")
     demo.add_argument("--audios", type=int, default=16, help="number of long audios")
     demo.add_argument("--seed", type=int, default=0)

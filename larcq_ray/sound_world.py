@@ -817,8 +817,14 @@ _check_catalogue()
 # --------------------------------------------------------------------------- public API
 
 
-def captions(spec: EventSpec, split: Split = "train") -> list[str]:
-    """Phrasings of `spec` from `split`, attribute words filled in (the i-th template uses synonym i)."""
+def captions(spec: EventSpec, split: Split = "train", synonyms: Literal["cycle", "all"] = "cycle") -> list[str]:
+    """Phrasings of `spec` from `split`, attribute words filled in.
+
+    ``synonyms="cycle"``: one phrasing per template, the i-th template using synonym i;
+    ``"all"``: every template with every combination of synonyms (more wording variety for training).
+    """
+    import itertools
+
     k = kind(spec.kind)
     if split == "train":
         templates = k.train
@@ -826,15 +832,20 @@ def captions(spec: EventSpec, split: Split = "train") -> list[str]:
         templates = k.heldout
     else:
         raise LarcqError(f"caption split must be 'train' or 'heldout', got {split!r}")
+    if synonyms not in ("cycle", "all"):
+        raise LarcqError(f"synonyms must be 'cycle' or 'all', got {synonyms!r}")
     out = []
     for i, t in enumerate(templates):
-        fields = {f for _, f, _, _ in string.Formatter().parse(t) if f}
-        words = {}
-        for f in fields:
-            attr, table = _WORDS[f]
-            options = table[spec.attributes[attr]]
-            words[f] = options[i % len(options)]
-        out.append(" ".join(t.format(**words).split()))
+        fields = sorted({f for _, f, _, _ in string.Formatter().parse(t) if f})
+        options = [_WORDS[f][1][spec.attributes[_WORDS[f][0]]] for f in fields]
+        if synonyms == "cycle":
+            choices = [tuple(o[i % len(o)] for o in options)]
+        else:
+            choices = list(itertools.product(*options))
+        for words in choices:
+            text = " ".join(t.format(**dict(zip(fields, words))).split())
+            if text not in out:
+                out.append(text)
     return out
 
 
@@ -849,6 +860,18 @@ def render(spec: EventSpec, rng: np.random.Generator, duration_s: float, sample_
     db = LOUDNESS_PEAK_DBFS[spec.attributes["loudness"]] + _u(rng, (-LOUDNESS_JITTER_DB, LOUDNESS_JITTER_DB))
     x *= np.float32(10.0 ** (db / 20.0) / peak)
     return x
+
+
+def all_event_specs() -> list[EventSpec]:
+    """Every kind x attribute-value combination (106): the gallery of the quality benchmark."""
+    import itertools
+
+    out = []
+    for k in KINDS:
+        names = ("loudness", *k.attributes)
+        for values in itertools.product(*(ATTRIBUTE_VALUES[a] for a in names)):
+            out.append(EventSpec(k.name, dict(zip(names, values))))
+    return out
 
 
 def sample_events(n: int, rng: np.random.Generator, kinds: Optional[Sequence[str]] = None) -> list[EventSpec]:
@@ -866,6 +889,13 @@ def sample_events(n: int, rng: np.random.Generator, kinds: Optional[Sequence[str
     return out
 
 
+def attribute_sibling(spec: EventSpec, rng: np.random.Generator) -> EventSpec:
+    """The same kind with one of its attributes (drawn at random) set to its other value."""
+    attr = ("loudness", *kind(spec.kind).attributes)[int(rng.integers(1 + len(kind(spec.kind).attributes)))]
+    other = [v for v in ATTRIBUTE_VALUES[attr] if v != spec.attributes[attr]][0]
+    return EventSpec(spec.kind, {**spec.attributes, attr: other})
+
+
 def _pick_captions(options: list[str], rng: np.random.Generator, k: int = N_CAPTIONS) -> list[str]:
     """`k` phrasings: distinct while they last (random order), then repeated in that order."""
     order = [options[i] for i in rng.permutation(len(options))]
@@ -879,11 +909,15 @@ def write_clip_dataset(
     sample_rate: int = 48000,
     duration_s: tuple[float, float] = (2.0, 5.0),
     split: Split = "train",
+    synonyms: Literal["cycle", "all"] = "cycle",
+    contrast: bool = False,
 ) -> Path:
     """Write `n_clips` one-event clips under `out_dir` in Clotho layout; same seed -> same bytes.
 
     audio/clip_00000.wav ... (16-bit PCM), captions.csv (file_name, caption_1..caption_5 from
-    `split`), events.csv (file_name, kind, attributes as JSON, duration_s).
+    `split`, drawn from `captions(spec, split, synonyms)`), events.csv (file_name, kind, attributes
+    as JSON, duration_s). `contrast`: every other clip is the previous one's `attribute_sibling`
+    (same kind, one attribute flipped): neighbouring files, so training batches see the contrast.
     """
     import soundfile as sf
 
@@ -896,14 +930,20 @@ def write_clip_dataset(
     audio_dir = out / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    specs = sample_events(n_clips, rng)
+    if contrast:
+        specs = []
+        for spec in sample_events((n_clips + 1) // 2, rng):
+            specs += [spec, attribute_sibling(spec, rng)]
+        specs = specs[:n_clips]
+    else:
+        specs = sample_events(n_clips, rng)
     cap_rows, event_rows = [], []
     for i, spec in enumerate(specs):
         name = f"clip_{i:05d}.wav"
         dur = round(_u(rng, (lo, hi)), 3)
         audio = render(spec, rng, dur, sample_rate)
         sf.write(audio_dir / name, audio, sample_rate, subtype="PCM_16", format="WAV")
-        cap_rows.append([name, *_pick_captions(captions(spec, split), rng)])
+        cap_rows.append([name, *_pick_captions(captions(spec, split, synonyms), rng)])
         event_rows.append([name, spec.kind, json.dumps(spec.attributes, sort_keys=True), f"{dur:.3f}"])
     _write_csv(out / "captions.csv", ["file_name", *(f"caption_{j}" for j in range(1, N_CAPTIONS + 1))], cap_rows)
     _write_csv(out / "events.csv", ["file_name", "kind", "attributes", "duration_s"], event_rows)

@@ -121,9 +121,21 @@ def test_captions_counts_lowercase_and_heldout_disjoint():
 
 
 def test_heldout_phrasings_never_equal_any_training_phrasing():
-    all_train = {c for spec in _all_specs() for c in sw.captions(spec, "train")}
-    all_held = {c for spec in _all_specs() for c in sw.captions(spec, "heldout")}
+    all_train = {c for spec in _all_specs() for c in sw.captions(spec, "train", synonyms="all")}
+    all_held = {c for spec in _all_specs() for c in sw.captions(spec, "heldout", synonyms="all")}
     assert not all_train & all_held
+
+
+def test_all_synonyms_extend_the_cycled_phrasings():
+    spec = sw.EventSpec("short_beeps", {"loudness": "quiet", "pitch": "high", "speed": "fast"})
+    cycle, every = sw.captions(spec, "train"), sw.captions(spec, "train", synonyms="all")
+    assert set(cycle) < set(every) and len(every) == len(set(every))
+    # 3 quiet words x 3 high words x 3 fast words for "a {loud} {pitch} beep repeats {speedly}"
+    assert sum(c.startswith(("a quiet", "a soft", "a faint")) and c.count(" beep repeats ") for c in every) == 27
+    assert sw.captions(sw.EventSpec("hiss", {"loudness": "loud"}), "train", "all") == \
+        sw.captions(sw.EventSpec("hiss", {"loudness": "loud"}), "train")  # one synonym: nothing to add
+    with pytest.raises(LarcqError, match="synonyms"):
+        sw.captions(spec, "train", synonyms="some")
 
 
 def test_captions_mention_every_attribute():
@@ -189,6 +201,20 @@ def test_write_clip_dataset_layout_and_determinism(tmp_path):
         audio, sr = sf.read(a / "audio" / cap_row[0], dtype="float32")
         assert sr == 16000 and audio.ndim == 1
         assert 0.5 <= len(audio) / sr <= 1.0 and np.max(np.abs(audio)) > 0.01
+
+
+def test_write_clip_dataset_contrast_pairs_flip_one_attribute(tmp_path):
+    out = sw.write_clip_dataset(tmp_path, n_clips=9, seed=3, sample_rate=16000, duration_s=(0.3, 0.3),
+                                synonyms="all", contrast=True)
+    events = _read_csv(out / "events.csv")[1:]
+    assert len(events) == 9
+    for first, second in zip(events[0::2], events[1::2]):
+        assert first[1] == second[1]  # same kind
+        a, b = json.loads(first[2]), json.loads(second[2])
+        assert sum(a[k] != b[k] for k in a) == 1, (a, b)
+    for cap_row, ev_row in zip(_read_csv(out / "captions.csv")[1:], events):
+        pool = sw.captions(sw.EventSpec(ev_row[1], json.loads(ev_row[2])), "train", synonyms="all")
+        assert set(cap_row[1:]) <= set(pool) and len(set(cap_row[1:])) == 5
 
 
 def test_write_clip_dataset_heldout_split(tmp_path):

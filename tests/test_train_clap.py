@@ -189,3 +189,62 @@ def test_training_retrieves_its_pairs_far_above_chance(ray_session, tmp_path):
     s = run_train_clap(cfg)
     print("retrieval after training:", s["val_history"][-1], "best", s["best_val_R@1"])
     assert s["best_val_R@1"] >= 3 / len(KINDS)
+
+
+def test_cli_trains_from_provenance_with_a_frozen_grafted_text_tower(ray_session, tmp_path):
+    """`larcq-ray train-clap` on a LARCQ provenance.parquet: segments of long audios are the clips,
+    the text tower is all-MiniLM-L6-v2 grafted in (init.config.text_from) and stays frozen."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+    from safetensors.torch import load_file
+
+    from larcq_ray.cli import main
+    from larcq_ray.demo_clap import minilm_path
+    from larcq_ray.synth_events import event_kind, render_event
+
+    bench = tmp_path / "bench"
+    (bench / "audios").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for a in range(3):
+        parts, t = [], 0.0
+        for pos, k in enumerate(KINDS[(3 * a + i) % len(KINDS)] for i in range(3)):
+            x = render_event(k, rng, 1.0, SR)
+            rows.append({"audio_id": f"long_{a}.wav", "position": pos, "source_file": f"{k}_{a}.wav",
+                         "caption": event_kind(k).captions[0] if a != 2 or pos else "", "start_s": t,
+                         "end_s": t + 1.0})
+            parts.append(x)
+            t += 1.0
+        sf.write(bench / "audios" / f"long_{a}.wav", np.concatenate(parts), SR)
+    pq.write_table(pa.Table.from_pylist(rows), bench / "provenance.parquet")
+    cfg = {"run_dir": str(tmp_path / "run"), "train": {
+        "data": {"provenance": str(bench / "provenance.parquet"), "val_fraction": 0.0},
+        "init": {"config": {"dim": 32, "audio_depths": [1, 1], "audio_heads": [1, 2], "patch_embeds_hidden_size": 8,
+                            "audio_patch_size": 8, "audio_window_size": 4, "text_from": str(minilm_path())},
+                 "local_files_only": True},
+        "freeze": ["text_model.embeddings", "text_model.encoder"],
+        "batch_size": 4, "max_steps": 2, "epochs": 5, "checkpoint_every_steps": 1, "num_workers": 1,
+        "cpus_per_worker": 0.5, "lr": 1e-3}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train-clap", "--config", str(tmp_path / "c.yaml")]) == 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["n_train_clips"] == 8 and summary["skipped"]["empty_caption"] == 1
+    start = load_file(str(tmp_path / "run" / "init_model" / "model.safetensors"))
+    ckpt = sorted(p for p in (tmp_path / "run" / "ray_train" / "train_clap").glob("checkpoint_*") if p.is_dir())[-1]
+    end = load_file(str(ckpt / "model.safetensors"))
+    name = "text_model.encoder.layer.5.output.dense.weight"
+    assert torch_equal(start[name], end[name])  # frozen
+    assert not torch_equal(start["audio_projection.linear1.weight"], end["audio_projection.linear1.weight"])
+    assert not torch_equal(start["text_model.pooler.dense.weight"], end["text_model.pooler.dense.weight"])
+
+    cfg["train"]["freeze"] = ["no_such_module"]
+    cfg["run_dir"] = str(tmp_path / "run2")
+    (tmp_path / "c2.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train-clap", "--config", str(tmp_path / "c2.yaml")]) == 2  # a clear error, no traceback
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -45,7 +45,14 @@ class InitSizes(_Strict):
     audio_depths: list[int] = Field(default_factory=lambda: [1, 1, 1, 1])
     audio_heads: list[int] = Field(default_factory=lambda: [1, 1, 2, 2])
     patch_embeds_hidden_size: int = Field(8, ge=1)
+    # HTS-AT patch size (= stride) and attention window: 8 / 4 cut the tokens 4x against 4 / 8.
+    audio_patch_size: int = Field(4, ge=1)
+    audio_window_size: int = Field(8, ge=1)
     fusion: bool = False
+    # A local BERT-family folder (e.g. all-MiniLM-L6-v2) grafted in as the text tower: a real
+    # sentence encoder instead of a random one (`dim` stays the projection size; the text_* sizes
+    # and vocab_size are then unused).
+    text_from: Optional[str] = None
     vocab_size: int = Field(1000, ge=64)
     max_text_tokens: int = Field(77, ge=8)
 
@@ -88,6 +95,15 @@ class TrainClapConfig(_Strict):
     data: Optional[TrainDataConfig] = None
     init: Optional[InitConfig] = None
     lora: LoraSection = Field(default_factory=LoraSection)
+    # Parameter-name prefixes kept frozen, e.g. ["text_model.embeddings", "text_model.encoder"]
+    # to train only the pooler and projection on top of a grafted sentence encoder.
+    freeze: list[str] = Field(default_factory=list)
+    # A caption that is also among another batch audio's captions is a positive for it too, not a
+    # negative (soft targets). Plain InfoNCE (one positive) when False or when no caption is shared.
+    multi_positive: bool = True
+    # Learning rates by parameter-name prefix (the longest matching prefix wins; the rest use `lr`),
+    # e.g. {"text_model.encoder": 2e-5} for pretrained layers next to a fresh audio tower.
+    param_lr: dict[str, float] = Field(default_factory=dict)
     name: str = "train_clap"  # Ray Train run name: re-running the same name in the same run_dir resumes
     epochs: int = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)  # stops earlier than `epochs` when reached

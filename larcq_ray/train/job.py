@@ -59,7 +59,9 @@ def base_model(tc, run_dir: Path, captions: list[str]) -> str:
         build_fresh_clap(out, captions, fusion=s.fusion, seed=tc.init.seed, vocab_size=s.vocab_size, dim=s.dim,
                          max_text_tokens=s.max_text_tokens, text_layers=s.text_layers, text_heads=s.text_heads,
                          audio_depths=s.audio_depths, audio_heads=s.audio_heads,
-                         patch_embeds_hidden_size=s.patch_embeds_hidden_size, built_by="larcq_ray.train (init.config)")
+                         patch_embeds_hidden_size=s.patch_embeds_hidden_size, audio_patch_size=s.audio_patch_size,
+                         audio_window_size=s.audio_window_size, text_from=s.text_from,
+                         built_by="larcq_ray.train (init.config)")
     return str(out)
 
 
@@ -80,6 +82,13 @@ def run_train_clap(cfg) -> dict:
     train, val = read_pairs(tc)
     base = base_model(tc, run_dir, [t for c in train.clips for t in c.captions])
 
+    if tc.freeze or tc.param_lr:  # a wrong prefix fails here with its message, not in every Ray Train worker
+        from larcq_ray.train.loop import build_model, freeze_parameters, param_groups
+
+        model = build_model(base, tc.lora.model_dump() if tc.lora.enabled else None, tc.init.local_files_only)
+        freeze_parameters(model, list(tc.freeze))
+        param_groups(model, tc.lr, dict(tc.param_lr))
+        del model
     ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     common = dict(fusion_seed=cfg.model.fusion_seed, local_files_only=tc.init.local_files_only,
                   files_per_task=tc.data.files_per_task)
@@ -106,6 +115,7 @@ def run_train_clap(cfg) -> dict:
         "val_batch_size": tc.val_batch_size, "lr": tc.lr, "weight_decay": tc.weight_decay, "grad_clip": tc.grad_clip,
         "checkpoint_every_steps": tc.checkpoint_every_steps, "seed": tc.data.seed, "torch_threads": tc.torch_threads,
         "has_val": ds_val is not None, "debug_nan_at_step": tc.debug_nan_at_step,
+        "freeze": list(tc.freeze), "multi_positive": tc.multi_positive, "param_lr": dict(tc.param_lr),
         "shuffle_buffer": max(tc.batch_size * 4, 64),
     }
     datasets = {"train": ds_train, **({"val": ds_val} if ds_val is not None else {})}

@@ -44,6 +44,46 @@ def build_model(base: str, lora: dict | None, local_files_only: bool = False):
     return set_train_mode(model, True)
 
 
+def freeze_parameters(model, prefixes: list[str]) -> int:
+    """requires_grad=False on parameters whose name (peft's wrapper prefix stripped) starts with one
+    of `prefixes`; returns how many tensors were frozen. A prefix that matches nothing is an error."""
+    if not prefixes:
+        return 0
+    hit = {p: 0 for p in prefixes}
+    for name, param in model.named_parameters():
+        bare = name.removeprefix("base_model.model.")
+        for p in prefixes:
+            if bare.startswith(p):
+                param.requires_grad_(False)
+                hit[p] += 1
+    unused = [p for p, n in hit.items() if n == 0]
+    if unused:
+        from larcq_ray.errors import LarcqError
+
+        raise LarcqError(f"train.freeze prefix(es) {unused} match no parameter of the model "
+                         "(names look like 'text_model.encoder.layer.0...', 'audio_model...')")
+    return sum(hit.values())
+
+
+def param_groups(model, lr: float, param_lr: dict[str, float]) -> list[dict]:
+    """AdamW groups: trainable parameters by the longest matching `param_lr` prefix (peft's wrapper
+    prefix stripped); one group for the rest at `lr`. Group order is fixed, so checkpoints reload."""
+    by_prefix: dict[str, list] = {p: [] for p in sorted(param_lr)}
+    rest = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        bare = name.removeprefix("base_model.model.")
+        hits = [p for p in param_lr if bare.startswith(p)]
+        (by_prefix[max(hits, key=len)] if hits else rest).append(param)
+    empty = [p for p, ps in by_prefix.items() if not ps]
+    if empty:
+        from larcq_ray.errors import LarcqError
+
+        raise LarcqError(f"train.param_lr prefix(es) {empty} match no trainable parameter")
+    return [{"params": rest, "lr": lr}] + [{"params": ps, "lr": float(param_lr[p])} for p, ps in by_prefix.items()]
+
+
 def set_train_mode(model, training: bool):
     """train()/eval(); a LoRA model keeps its BatchNorm layers (HTS-AT's mel norm) in eval mode: their
     running statistics are buffers outside the adapter, so updating them would change the base."""
@@ -242,6 +282,7 @@ def train_loop_per_worker(c: dict) -> None:
     torch.manual_seed(c["seed"])
     lora = c["lora"] if c["lora"]["enabled"] else None
     model = build_model(c["base"], lora, c["local_files_only"])
+    freeze_parameters(model, c.get("freeze") or [])
     tokenizer = load_tokenizer(c["base"], c["local_files_only"])
     mt = max_text_tokens(model, tokenizer)
 
@@ -261,12 +302,13 @@ def train_loop_per_worker(c: dict) -> None:
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     inner = ddp.module if hasattr(ddp, "module") else ddp
     params = [p for p in inner.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=c["weight_decay"])
+    opt = torch.optim.AdamW(param_groups(inner, c["lr"], c.get("param_lr") or {}), lr=c["lr"],
+                            weight_decay=c["weight_decay"])
     if ckpt_dir is not None:
         load_optimizer(opt, ckpt_dir)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    from larcq_ray.train.loss import clap_outputs_loss
+    from larcq_ray.train.loss import clap_outputs_loss, shared_caption_positives
 
     run_dir = Path(c["run_dir"])
     max_steps = c["max_steps"] or math.inf
@@ -333,7 +375,10 @@ def train_loop_per_worker(c: dict) -> None:
             feats = fit_channels(batch["features"].to(device), inner)
             out = ddp(input_ids=ids, attention_mask=mask, input_features=feats,
                       is_longer=batch["is_longer"].reshape(-1, 1).to(device))
-            loss = clap_outputs_loss(out)
+            positives = None
+            if c.get("multi_positive", True):
+                positives = shared_caption_positives(texts, [json.loads(x) for x in batch["captions"]])
+            loss = clap_outputs_loss(out, positives)
             if c.get("debug_nan_at_step") == state["step"] + 1:
                 loss = loss * float("nan")
             opt.zero_grad(set_to_none=True)

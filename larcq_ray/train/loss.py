@@ -25,6 +25,29 @@ def symmetric_infonce(logits_per_text, logits_per_audio):
     return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_audio, labels)) / 2.0
 
 
-def clap_outputs_loss(out):
+def multi_positive_infonce(logits_per_text, logits_per_audio, positives):
+    """Symmetric InfoNCE with soft targets: `positives[i, j]` (bool, diagonal set) marks caption i as
+    describing audio j. Each row's target spreads evenly over its positives; with only the diagonal
+    set this equals `symmetric_infonce`."""
+    import torch.nn.functional as F
+
+    pos = positives.float()
+    t2a = pos / pos.sum(1, keepdim=True)
+    a2t = pos.t() / pos.t().sum(1, keepdim=True)
+    return (F.cross_entropy(logits_per_text, t2a) + F.cross_entropy(logits_per_audio, a2t)) / 2.0
+
+
+def shared_caption_positives(texts: list[str], captions: list[list[str]]):
+    """(B, B) bool: caption i is one of audio j's captions (i == j always)."""
+    import torch
+
+    sets = [set(c) for c in captions]
+    pos = torch.tensor([[t in s for s in sets] for t in texts], dtype=torch.bool)
+    return pos | torch.eye(len(texts), dtype=torch.bool)
+
+
+def clap_outputs_loss(out, positives=None):
     """The loss from a ClapModel forward output (its logits carry the learnable scales)."""
+    if positives is not None and bool(positives.sum() > positives.shape[0]):
+        return multi_positive_infonce(out.logits_per_text, out.logits_per_audio, positives.to(out.logits_per_text.device))
     return symmetric_infonce(out.logits_per_text, out.logits_per_audio)
