@@ -45,10 +45,10 @@ def main() -> None:
     import ray
     import torch
 
-    from larcq_ray.clap import AudioFeaturizer, ClapAudioEncoder
+    from larcq_ray.models.clap import AudioFeaturizer, ClapAudioEncoder
     from larcq_ray.config import PipelineConfig
-    from larcq_ray.index_pipeline import run_index
-    from larcq_ray.ray_session import ensure_ray
+    from larcq_ray.index.job import run_index
+    from larcq_ray.core.ray_session import ensure_ray
 
     work = Path(tempfile.mkdtemp(prefix="bench_enc_"))
     try:
@@ -66,7 +66,7 @@ def main() -> None:
         threads = os.cpu_count() or 1
 
         # Bare forward: features precomputed outside the timed region.
-        from larcq_ray.audio import decode_audio
+        from larcq_ray.core.audio import decode_audio
 
         fz = AudioFeaturizer(str(model))
         feats = []
@@ -96,12 +96,12 @@ def main() -> None:
                 "index": {"whole_file": False, "batch_size": args.batch_size, "files_per_decode_task": 1,
                           "chunking": {"mode": "fixed", "window_s": 10.0}},
             })
-            from larcq_ray.inputs import AudioRef
+            from larcq_ray.core.inputs import AudioRef
 
             refs = [AudioRef(p.name, str(p)) for p in files]
             t = time.perf_counter()
             summary = run_index(cfg, refs, show_progress=False)
-            assert summary.indexed == len(files) and summary.failed == 0, summary.lines()
+            assert summary.done == len(files) and summary.failed == 0, summary.lines()
             return time.perf_counter() - t
 
         files = sorted(corpus.iterdir())

@@ -89,13 +89,13 @@ def _run_load(url: str, levels: list[int], max_requests: int, max_seconds: float
 
 
 def _backend_config(kind: str):
-    from larcq_ray.rerank.backends import RerankBackendConfig
+    from larcq_ray.rerank.config import RerankBackendConfig
 
     if kind == "bi-encoder":
         return RerankBackendConfig(kind="bi-encoder", device="cpu")
     import tempfile
 
-    from larcq_ray.rerank.tiny_lm import build_tiny_causal_lm
+    from larcq_ray.offline.tiny_lm import build_tiny_causal_lm
 
     texts = [c for k in range(50) for c in _payload(k)["documents"]]
     model = build_tiny_causal_lm(tempfile.mkdtemp(prefix="bench_lm_"), texts, hidden_size=256, num_layers=4)
@@ -106,7 +106,8 @@ def server_main(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from larcq_ray.rerank.app import RerankServeConfig, run_server
+    from larcq_ray.rerank.app import run_server
+    from larcq_ray.rerank.config import RerankServeConfig
 
     levels = [int(x) for x in args.levels.split(",")]
     backend = _backend_config(args.backend)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from larcq_ray.scoring import MODES, AudioEmbeddings, QueryEmbeddings, score
+from larcq_ray.search.scoring import MODES, AudioEmbeddings, QueryEmbeddings, score
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

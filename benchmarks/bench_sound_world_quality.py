@@ -4,7 +4,7 @@
         [--out /tmp/larcq_sw_quality] [--seed 1000] [--per-combo 2] [--audios 50] [--window-s 10]
         [--skip-single] [--skip-long]
 
-Without --model it measures the demo's committed CLAP (larcq_ray/demo_clap_weights, assembled).
+Without --model it measures the demo's committed CLAP (larcq_ray/offline/demo_clap_weights, assembled).
 
 (a) Single-event text -> audio. Gallery: `--per-combo` fresh clips (seed `--seed`, 2-5 s, 48 kHz) of
     every kind x attribute combination of sound_world (33 kinds, 106 combinations). Queries: every
@@ -34,8 +34,8 @@ SR = 48000
 
 
 def single_event(model: str, seed: int, per_combo: int, batch: int = 32) -> dict:
-    from larcq_ray import sound_world as sw
-    from larcq_ray.clap import AudioFeaturizer, ClapAudioEncoder, ClapTextEncoder
+    from larcq_ray.offline import sound_world as sw
+    from larcq_ray.models.clap import AudioFeaturizer, ClapAudioEncoder, ClapTextEncoder
 
     combos = sw.all_event_specs()
     rng = np.random.default_rng(seed)
@@ -101,8 +101,8 @@ def single_event(model: str, seed: int, per_combo: int, batch: int = 32) -> dict
 
 
 def long_audio(model: str, out: Path, seed: int, n_audios: int, window_s: float) -> dict:
-    from larcq_ray import sound_world as sw
-    from larcq_ray.cli import run_command
+    from larcq_ray.offline import sound_world as sw
+    from larcq_ray.pipeline import run_command
     from larcq_ray.config import PipelineConfig
 
     t0 = time.time()
@@ -157,7 +157,7 @@ def main() -> None:
     if args.model:
         model = str(Path(args.model).resolve())
     else:
-        from larcq_ray.demo_clap import assemble_demo_clap
+        from larcq_ray.offline.demo_clap import assemble_demo_clap
 
         model = str(assemble_demo_clap(out / "demo_clap"))
     report = {"model": model, "args": vars(args)}

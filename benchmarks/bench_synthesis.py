@@ -27,17 +27,18 @@ import soundfile as sf
 
 
 def make_source(root: Path, n_clips: int, seed: int = 0) -> tuple[Path, Path]:
-    from larcq_ray.synth_events import EVENT_KINDS, render_event
+    from larcq_ray.offline import sound_world
 
     rng = np.random.default_rng(seed)
     audio = root / "clips"
     audio.mkdir(parents=True)
     rows = []
     for i in range(n_clips):
-        kind = EVENT_KINDS[i % len(EVENT_KINDS)]
-        x = render_event(kind.key, rng, float(rng.uniform(15, 30)), 44100)
+        event = sound_world.EventSpec(sound_world.KIND_NAMES[i % len(sound_world.KINDS)], {"loudness": "loud"})
+        x = sound_world.render(event, rng, float(rng.uniform(15, 30)), 44100)
         sf.write(audio / f"clip_{i:04d}.wav", x, 44100, subtype="PCM_16")
-        rows.append([f"clip_{i:04d}.wav"] + [kind.captions[j % len(kind.captions)] for j in range(5)])
+        captions = sound_world.captions(event, "train")
+        rows.append([f"clip_{i:04d}.wav"] + [captions[j % len(captions)] for j in range(5)])
     csv_path = root / "captions.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
@@ -56,9 +57,9 @@ def main() -> None:
 
     import ray
 
-    from larcq_ray.ray_session import _quiet_ray_data
-    from larcq_ray.synthesis import pipeline
-    from larcq_ray.synthesis.config import SynthesizeConfig
+    from larcq_ray.core.ray_session import _quiet_ray_data
+    from larcq_ray.synthesize.job import run_synthesize
+    from larcq_ray.synthesize.config import SynthesizeConfig
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     _quiet_ray_data()
@@ -70,16 +71,16 @@ def main() -> None:
                                clips_per_audio=args.clips_per_audio, seed=1, num_workers=workers,
                                commit_every=8)
         t0 = time.perf_counter()
-        summary = pipeline.run_synthesize(cfg)
+        summary = run_synthesize(cfg)
         wall = time.perf_counter() - t0
         assert summary.written == n and not summary.failed, summary.lines()
         durations = [sf.info(str(f)).duration for f in (out / "audios").iterdir()]
         return wall, float(np.mean(durations))
 
     def run_plain(in_flight: int, out: Path, n: int) -> float:
-        from larcq_ray.synthesis.plan import plan_benchmark
-        from larcq_ray.synthesis.render import render_batch
-        from larcq_ray.synthesis.source import scan_source
+        from larcq_ray.synthesize.plan import plan_benchmark
+        from larcq_ray.synthesize.render import render_batch
+        from larcq_ray.synthesize.source import scan_source
 
         cfg = SynthesizeConfig(captions_csv=str(csv_path), audio_dir=str(audio), out_dir=str(out), n_audios=n,
                                clips_per_audio=args.clips_per_audio, seed=1)

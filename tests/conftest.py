@@ -23,7 +23,7 @@ CAPTIONS = [
 def ray_session():
     import ray
 
-    from larcq_ray.ray_session import _quiet_ray_data
+    from larcq_ray.core.ray_session import _quiet_ray_data
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -34,14 +34,14 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_clap(tmp_path_factory) -> Path:
-    from larcq_ray.tiny_clap import build_tiny_clap
+    from larcq_ray.offline.tiny_clap import build_tiny_clap
 
     return build_tiny_clap(tmp_path_factory.mktemp("tiny_clap"), CAPTIONS * 20, fusion=True, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_clap_unfused(tmp_path_factory) -> Path:
-    from larcq_ray.tiny_clap import build_tiny_clap
+    from larcq_ray.offline.tiny_clap import build_tiny_clap
 
     return build_tiny_clap(tmp_path_factory.mktemp("tiny_clap_unfused"), CAPTIONS * 20, fusion=False, seed=1)
 

@@ -3,7 +3,7 @@ import pytest
 import soundfile as sf
 
 from conftest import tone, write_bad_audio
-from larcq_ray.audio import decode_audio
+from larcq_ray.core.audio import decode_audio
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ def _free_port() -> int:
 
 
 def test_benchmark_command_runs_every_stage(ray_session, tiny_clap, tmp_path):
-    from larcq_ray.caption.tiny_alm import build_tiny_qwen2_audio
-    from larcq_ray.rerank.tiny_lm import build_tiny_causal_lm
+    from larcq_ray.offline.tiny_alm import build_tiny_qwen2_audio
+    from larcq_ray.offline.tiny_lm import build_tiny_causal_lm
 
     csv_path, audio = _clotho_source(tmp_path / "clotho")
     lm = build_tiny_causal_lm(tmp_path / "lm", CAPTIONS * 5 + list(DEFAULT_PROMPTS.values()), seed=0)

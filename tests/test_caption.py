@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from larcq_ray.caption import CaptionBackendConfig, build_caption_backend, caption_windows, timeline_caption
-from larcq_ray.caption.pipeline import run_caption, unique_audio_ids_from_shortlist
-from larcq_ray.errors import LarcqError
-from larcq_ray.inputs import AudioRef
+from larcq_ray.caption.backends import build_caption_backend
+from larcq_ray.caption.config import CaptionBackendConfig
+from larcq_ray.caption.windows import caption_windows, timeline_caption
+from larcq_ray.caption.job import run_caption, unique_audio_ids_from_shortlist
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.inputs import AudioRef
 
 from conftest import CAPTIONS, tone
 
 
 @pytest.fixture(scope="module")
 def tiny_alm(tmp_path_factory) -> Path:
-    from larcq_ray.caption.tiny_alm import build_tiny_qwen2_audio
+    from larcq_ray.offline.tiny_alm import build_tiny_qwen2_audio
 
     return build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny_alm"), CAPTIONS * 20, seed=0)
 
@@ -104,12 +107,14 @@ def test_run_caption_end_to_end_and_resume(ray_session, tiny_alm, tmp_path):
     cfg = _cfg(tiny_alm, window_s=2.0, batch_size=4)
     out = tmp_path / "run" / "captions.parquet"
     summary = run_caption(refs + refs[:2], cfg, out)  # duplicates are captioned once
-    assert (summary.captioned, summary.failed, summary.skipped, summary.windows) == (3, 1, 0, 6)
+    assert (summary.done, summary.failed, summary.skipped, summary.units) == (3, 1, 0, 6)
     assert summary.reasons == {"unreadable": 1}
 
     t = pq.read_table(out).to_pandas()
     assert set(t.columns) == {"audio_id", "chunk_index", "start_s", "end_s", "captioner", "prompt", "caption",
-                              "status", "error"}
+                              "status", "error", "settings"}
+    assert json.loads(t.settings.iloc[0])["window_s"] == 2.0 and json.loads(t.settings.iloc[0])["max_new_tokens"] == cfg.max_new_tokens
+    assert not (out.parent / "captions.parts").exists()  # the run's parts were folded into one file
     assert not t.duplicated(["audio_id", "chunk_index"]).any()
     assert set(t.captioner) == {str(tiny_alm)} and set(t.prompt) == {cfg.prompt}
     windows = {aid: g.sort_values("chunk_index") for aid, g in t.groupby("audio_id")}
@@ -125,11 +130,48 @@ def test_run_caption_end_to_end_and_resume(ray_session, tiny_alm, tmp_path):
 
     # Resume: the good files are skipped; the broken one is retried and its row replaced, not duplicated.
     again = run_caption(refs, cfg, out)
-    assert (again.skipped, again.captioned, again.failed) == (3, 0, 1)
+    assert (again.skipped, again.done, again.failed) == (3, 0, 1)
     t2 = pq.read_table(out).to_pandas()
     assert len(t2) == len(t) and not t2.duplicated(["audio_id", "chunk_index"]).any()
     good = [r for r in refs if r.audio_id != "broken.wav"]
     assert run_caption(good, cfg, out).skipped == 3
+
+    # Any setting that changes a caption makes a file due again (not only model and prompt).
+    for change in ({"max_new_tokens": 3}, {"window_s": 1.5}, {"num_beams": 2}):
+        redo = run_caption(good[:1], cfg.model_copy(update=change), out)
+        assert (redo.skipped, redo.done) == (0, 1), change
+    t3 = pq.read_table(out).to_pandas()
+    assert not t3.duplicated(["audio_id", "chunk_index"]).any()
+    a = t3[t3.audio_id == "a.wav"]
+    assert {json.loads(s)["num_beams"] for s in a.settings} == {2}  # the newest captions replaced the old
+
+
+def test_an_interrupted_caption_run_keeps_its_committed_parts(ray_session, tiny_alm, tmp_path, monkeypatch):
+    """Parts committed before a failure survive it, and the next run skips their files."""
+    from larcq_ray.caption import job as caption_job
+
+    refs = [r for r in _corpus(tmp_path / "audio") if r.audio_id != "broken.wav"]
+    cfg = _cfg(tiny_alm, window_s=2.0, batch_size=4)
+    out = tmp_path / "run" / "captions.parquet"
+    real_collect = caption_job.collect_files
+
+    def die_after_first_commit(ds, n, **kw):  # like Ctrl-C once one file is committed
+        commit = kw["commit"]
+
+        def commit_then_interrupt(results):
+            commit(results)
+            raise KeyboardInterrupt
+
+        return real_collect(ds, n, **{**kw, "commit": commit_then_interrupt})
+
+    monkeypatch.setattr(caption_job, "collect_files", die_after_first_commit)
+    with pytest.raises(KeyboardInterrupt):
+        run_caption(refs, cfg, out, commit_every_files=1)
+    monkeypatch.undo()
+    kept = pq.read_table(out).to_pandas().query("chunk_index == -1")
+    assert len(kept) == 1 and kept.status.iloc[0] == "ok"
+    again = run_caption(refs, cfg, out)
+    assert (again.skipped, again.done) == (1, 2)
 
 
 def test_unique_audio_ids_from_shortlist(tmp_path):
@@ -153,7 +195,7 @@ def test_caption_cli_from_a_plain_id_list(ray_session, tiny_alm, tmp_path, capsy
     """`larcq-ray caption --audio-ids FILE`: no shortlist needed; an id with no file ends as a failed row."""
     import yaml
 
-    from larcq_ray.caption.pipeline import read_audio_id_list
+    from larcq_ray.core.inputs import read_audio_id_list
     from larcq_ray.cli import main
 
     _corpus(tmp_path / "audio")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from larcq_ray.chunking import chunk_spans
-from larcq_ray.errors import LarcqError
+from larcq_ray.index.chunking import chunk_spans
+from larcq_ray.core.errors import LarcqError
 
 SR = 1000  # 1 kHz keeps the arithmetic readable
 

@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from larcq_ray.clap import AudioFeaturizer, ClapAudioEncoder, ClapTextEncoder, load_tokenizer
-from larcq_ray.errors import LarcqError
-from larcq_ray.tiny_clap import read_model_card
+from larcq_ray.models.clap import AudioFeaturizer, ClapAudioEncoder, ClapTextEncoder, load_tokenizer
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.models.model_card import read_model_card
 
 
 def noise(seconds, seed=0, sr=48000):

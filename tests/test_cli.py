@@ -9,7 +9,7 @@ import soundfile as sf
 
 from conftest import tone
 from larcq_ray.cli import main, user_message
-from larcq_ray.errors import LarcqError
+from larcq_ray.core.errors import LarcqError
 
 
 def run_cli(capsys, *argv):
@@ -91,11 +91,34 @@ def test_console_script_prints_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_job_entrypoints_exist_and_run_the_cli():
+def test_job_entrypoints_exist_and_run_the_cli(capsys, monkeypatch):
+    """Every `python -m jobs.<name>` (what `ray job submit` runs) is the CLI's `larcq-ray <command>`:
+    its --help is that command's help (jobs.train_clap -> train-clap)."""
+    import os
+    import pkgutil
+    import runpy
+
+    import jobs
+
     root = Path(__file__).resolve().parent.parent
-    for stage in ["index", "search", "evaluate", "run"]:
-        text = (root / "jobs" / f"{stage}.py").read_text()
-        assert f'main(["{stage}", *sys.argv[1:]])' in text
-    out = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--help"], cwd=root, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0 and "--config" in out.stdout
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps help to the terminal width: the same everywhere
+    modules = sorted(m.name for m in pkgutil.iter_modules(jobs.__path__) if not m.ispkg)
+    assert {"index", "search", "evaluate", "run", "benchmark", "train_clap"} <= set(modules), modules
+    helps = {}
+    for name in modules:
+        command = name.replace("_", "-")
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        helps[name] = capsys.readouterr().out
+        assert helps[name].startswith(f"usage: larcq-ray {command} ") and "--config" in helps[name]
+        monkeypatch.setattr(sys, "argv", [str(root / "jobs" / f"{name}.py"), "--help"])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_module(f"jobs.{name}", run_name="__main__")
+        assert done.value.code == 0, name
+        assert capsys.readouterr().out == helps[name], f"python -m jobs.{name} is not `larcq-ray {command}`"
+    # One real process, as a Ray job runs it.
+    out = subprocess.run([sys.executable, "-m", "jobs.train_clap", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "COLUMNS": "100"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == helps["train_clap"]

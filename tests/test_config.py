@@ -1,16 +1,44 @@
+from pathlib import Path
+
 import pytest
 
 from larcq_ray.config import load_config
-from larcq_ray.errors import LarcqError
+from larcq_ray.core.errors import LarcqError
 
 
-def test_defaults_and_overrides(tmp_path):
+def test_file_values_and_overrides_change_only_their_keys(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("run_dir: r\nindex:\n  batch_size: 4\n")
-    cfg = load_config(p, ["index.chunking.window_s=5", "search.modes=[none, audio-max]"])
-    assert cfg.index.batch_size == 4 and cfg.index.chunking.window_s == 5.0
-    assert cfg.search.modes == ["none", "audio-max"]
-    assert cfg.model.name_or_path == "laion/clap-htsat-fused"
+    cfg = load_config(p, ["index.chunking.window_s=5", "search.modes=[none, audio-max]", "index.batch_size=8"])
+    # Everything the file and the overrides leave alone keeps its default; an override beats the
+    # file; values are parsed as YAML (a number, a list).
+    expected = load_config(None).model_dump()
+    expected["run_dir"] = "r"
+    expected["index"]["batch_size"] = 8
+    expected["index"]["chunking"]["window_s"] = 5.0
+    expected["search"]["modes"] = ["none", "audio-max"]
+    assert cfg.model_dump() == expected
+    assert load_config(p).index.batch_size == 4
+
+
+@pytest.mark.parametrize("override,match", [
+    ("index.batch_size", "KEY=VALUE"),
+    ("run_dir.x=1", "run_dir is not a section"),
+    ("index.chunk_size=3", r"index.chunk_size: unknown key"),
+])
+def test_bad_override_is_one_clear_error(tmp_path, override, match):
+    p = tmp_path / "c.yaml"
+    p.write_text("run_dir: r\n")
+    with pytest.raises(LarcqError, match=match):
+        load_config(p, [override])
+
+
+def test_a_dumped_config_loads_back_the_same(tmp_path):
+    from larcq_ray.config import dump_config
+
+    cfg = load_config(None, ["run_dir=s3://bucket/run", "search.modes=[audio-max]", "serve.num_gpus=auto"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 @pytest.mark.parametrize("text,match", [
@@ -34,10 +62,15 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_shipped_configs_validate():
-    from pathlib import Path
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_config_validates_and_round_trips(path, tmp_path):
+    from larcq_ray.config import dump_config
 
-    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-    assert configs, "configs/ should ship example configs"
-    for c in configs:
-        load_config(c)
+    cfg = load_config(path)
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_configs_ships_example_configs():
+    assert sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), "configs/ should ship example configs"

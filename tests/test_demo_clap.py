@@ -9,21 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from larcq_ray.errors import LarcqError
+from larcq_ray.core.errors import LarcqError
 
 SMALL_AUDIO = dict(dim=32, audio_depths=[1, 1], audio_heads=[1, 2], patch_embeds_hidden_size=8,
                    audio_patch_size=8, audio_window_size=4)
 
 
 def _minilm() -> Path:
-    from larcq_ray.demo_clap import minilm_path
+    from larcq_ray.offline.demo_clap import minilm_path
 
     return minilm_path()
 
 
 @pytest.fixture(scope="module")
 def grafted(tmp_path_factory) -> Path:
-    from larcq_ray.tiny_clap import build_fresh_clap
+    from larcq_ray.models.fresh_clap import build_fresh_clap
 
     return build_fresh_clap(tmp_path_factory.mktemp("grafted"), [], text_from=_minilm(), seed=0, **SMALL_AUDIO)
 
@@ -32,7 +32,7 @@ def test_grafted_text_tower_returns_minilm_hidden_states(grafted):
     import torch
     from transformers import AutoModel
 
-    from larcq_ray.clap import ClapTextEncoder, load_clap_model, load_tokenizer
+    from larcq_ray.models.clap import ClapTextEncoder, load_clap_model, load_tokenizer
 
     model = load_clap_model(str(grafted), device="cpu", local_files_only=True)
     tok = load_tokenizer(str(grafted), local_files_only=True)
@@ -50,7 +50,7 @@ def test_grafted_text_tower_returns_minilm_hidden_states(grafted):
 
 
 def test_graft_refuses_a_non_bert_encoder(tiny_clap_unfused, tmp_path):
-    from larcq_ray.tiny_clap import build_fresh_clap
+    from larcq_ray.models.fresh_clap import build_fresh_clap
 
     with pytest.raises(LarcqError, match="only BERT-family"):
         build_fresh_clap(tmp_path / "m", [], text_from=tiny_clap_unfused, **SMALL_AUDIO)
@@ -112,8 +112,8 @@ def test_multi_positive_loss():
 def test_export_and_assemble_round_trip(grafted, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from larcq_ray.clap import ClapTextEncoder
-    from larcq_ray.demo_clap import PROBE_TEXTS, WEIGHTS_FILE, assemble_demo_clap, export_demo_clap
+    from larcq_ray.models.clap import ClapTextEncoder
+    from larcq_ray.offline.demo_clap import PROBE_TEXTS, WEIGHTS_FILE, assemble_demo_clap, export_demo_clap
 
     weights = export_demo_clap(grafted, {"command": "test"}, out_dir=tmp_path / "weights")
     stored = load_file(str(weights / WEIGHTS_FILE))
@@ -138,8 +138,8 @@ def test_export_keeps_trained_text_layers(grafted, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from larcq_ray.clap import ClapTextEncoder
-    from larcq_ray.demo_clap import DELTA_PREFIX, PROBE_TEXTS, WEIGHTS_FILE, assemble_demo_clap, export_demo_clap
+    from larcq_ray.models.clap import ClapTextEncoder
+    from larcq_ray.offline.demo_clap import DELTA_PREFIX, PROBE_TEXTS, WEIGHTS_FILE, assemble_demo_clap, export_demo_clap
 
     moved = tmp_path / "moved"
     shutil.copytree(grafted, moved)
@@ -162,9 +162,9 @@ def test_export_keeps_trained_text_layers(grafted, tmp_path):
 def test_committed_demo_clap_retrieves_unseen_clips_from_heldout_phrasings(tmp_path):
     """The committed model, on fresh renders (a seed not used in training) of every kind, loud,
     queried with held-out phrasings: kind R@1 far above the 1/33 chance."""
-    from larcq_ray import sound_world as sw
-    from larcq_ray.clap import AudioFeaturizer, ClapAudioEncoder, ClapTextEncoder
-    from larcq_ray.demo_clap import assemble_demo_clap
+    from larcq_ray.offline import sound_world as sw
+    from larcq_ray.models.clap import AudioFeaturizer, ClapAudioEncoder, ClapTextEncoder
+    from larcq_ray.offline.demo_clap import assemble_demo_clap
 
     model = str(assemble_demo_clap(tmp_path / "demo_clap"))
     rng = np.random.default_rng(987654)

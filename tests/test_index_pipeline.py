@@ -1,18 +1,17 @@
 """The Ray Data index job on real files: bad input, resume, crash leftovers."""
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
 from conftest import tone, write_bad_audio
-from larcq_ray.audio import decode_audio
-from larcq_ray.clap import AudioFeaturizer, ClapAudioEncoder
+from larcq_ray.core.audio import decode_audio
+from larcq_ray.models.clap import AudioFeaturizer, ClapAudioEncoder
 from larcq_ray.config import PipelineConfig
-from larcq_ray.errors import LarcqError
-from larcq_ray.index_pipeline import run_index
-from larcq_ray.index_store import IndexStore
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.index.job import run_index
+from larcq_ray.index.store import IndexStore
 
 
 def make_cfg(run_dir, corpus, model, **index):
@@ -37,9 +36,9 @@ def corpus(tmp_path_factory):
 def test_every_file_ends_as_a_row_and_bad_ones_say_why(ray_session, tiny_clap, corpus, tmp_path):
     d, expect = corpus
     summary = run_index(make_cfg(tmp_path / "run", d, tiny_clap), show_progress=False)
-    assert summary.indexed == sum(1 for k in expect.values() if not k)
+    assert summary.done == sum(1 for k in expect.values() if not k)
     assert summary.failed == sum(1 for k in expect.values() if k)
-    assert summary.lines()[0].startswith(f"{summary.indexed} indexed, {summary.failed} failed")
+    assert summary.lines()[0].startswith(f"{summary.done} indexed, {summary.failed} failed")
 
     store = IndexStore(tmp_path / "run" / "index")
     files = store.read_files().to_pandas().set_index("audio_id")
@@ -77,9 +76,9 @@ def test_resume_skips_done_files_and_never_duplicates(ray_session, tiny_clap, tm
         sf.write(d / f"a{i}.wav", tone(3.0, 48000, freq=300 + 100 * i), 48000)
     cfg = make_cfg(tmp_path / "run", d, tiny_clap)
     first = run_index(cfg, show_progress=False)
-    assert (first.indexed, first.skipped) == (3, 0)
+    assert (first.done, first.skipped) == (3, 0)
     again = run_index(cfg, show_progress=False)
-    assert (again.indexed, again.failed, again.skipped) == (0, 0, 3)
+    assert (again.done, again.failed, again.skipped) == (0, 0, 3)
 
     # A crash mid-commit leaves a chunks part without its files part: it is cleaned up.
     store = IndexStore(tmp_path / "run" / "index")
@@ -87,7 +86,7 @@ def test_resume_skips_done_files_and_never_duplicates(ray_session, tiny_clap, tm
     pq.write_table(store.read_chunks().slice(0, 1), orphan)
     sf.write(d / "new.wav", tone(3.0, 48000, freq=1234), 48000)
     third = run_index(cfg, show_progress=False)
-    assert (third.indexed, third.skipped) == (1, 3)
+    assert (third.done, third.skipped) == (1, 3)
     assert not orphan.exists()
     files = store.read_files().to_pandas()
     chunks = store.read_chunks().to_pandas()
@@ -113,7 +112,62 @@ def test_chunking_none_indexes_whole_files_only(ray_session, tiny_clap, tmp_path
     d.mkdir()
     sf.write(d / "a.wav", tone(14.0, 48000), 48000)  # > 10 s: the fusion branch
     cfg = make_cfg(tmp_path / "run", d, tiny_clap, chunking={"mode": "none"}, whole_file=False)
-    assert run_index(cfg, show_progress=False).indexed == 1
+    assert run_index(cfg, show_progress=False).done == 1
     emb = IndexStore(tmp_path / "run" / "index").load_embeddings()
     assert emb.chunk_emb.shape == (1, 64) and emb.whole_emb.shape == (1, 64)
     np.testing.assert_allclose(emb.chunk_emb[0], emb.whole_emb[0])
+
+
+def test_fixed_files_are_retried_edited_ones_reindexed_deleted_ones_dropped(ray_session, tiny_clap, tmp_path):
+    import os
+
+    d = tmp_path / "c"
+    d.mkdir()
+    for i in range(3):
+        sf.write(d / f"a{i}.wav", tone(3.0, 48000, freq=300 + 100 * i), 48000)
+    (d / "bad.wav").write_text("not audio\n" * 10)  # unreadable: can change without an edit, retried every run
+    sf.write(d / "silent.wav", np.zeros(48000, dtype=np.float32), 48000)  # its content: retried only if edited
+    cfg = make_cfg(tmp_path / "run", d, tiny_clap)
+    first = run_index(cfg, show_progress=False)
+    assert (first.done, first.failed) == (3, 2)
+    store = IndexStore(tmp_path / "run" / "index")
+    before = store.load_embeddings()
+
+    sf.write(d / "a1.wav", tone(3.0, 48000, freq=2000), 48000)  # edited: same size, new content
+    st = os.stat(d / "a1.wav")
+    os.utime(d / "a1.wav", ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # coarse clocks: make the edit visible
+    (d / "a2.wav").unlink()  # deleted
+    second = run_index(cfg, show_progress=False)
+    # a1 indexed again; bad.wav retried (unreadable can change without an edit) and still failing;
+    # a0 and silent.wav (silence is its content) skipped
+    assert (second.done, second.failed, second.skipped) == (1, 1, 2)
+    text = "\n".join(second.lines())
+    assert "1 file(s) no longer in the corpus" in text and "1 file(s) changed" in text and "1 file(s) that failed" in text
+
+    sf.write(d / "bad.wav", tone(3.0, 48000, freq=1500), 48000)  # fixed
+    third = run_index(cfg, show_progress=False)
+    assert (third.done, third.failed, third.skipped) == (1, 0, 3)
+
+    assert sorted(store.read_files().column("audio_id").to_pylist()) == ["a0.wav", "a1.wav", "bad.wav", "silent.wav"]
+    after = store.load_embeddings()
+    assert after.audio_ids == ["a0.wav", "a1.wav", "bad.wav"]  # a2 no longer searchable, silent never was
+    chunks = store.read_chunks().to_pandas()
+    assert not chunks.duplicated(["audio_id", "chunk_index"]).any()
+    old = dict(zip(before.audio_ids, before.whole_emb))
+    new = dict(zip(after.audio_ids, after.whole_emb))
+    np.testing.assert_allclose(new["a0.wav"], old["a0.wav"])
+    assert not np.allclose(new["a1.wav"], old["a1.wav"])  # the edited file's new sound, not its old one
+
+    fourth = run_index(cfg, show_progress=False)
+    assert (fourth.done, fourth.failed, fourth.skipped) == (0, 0, 4)  # silent.wav is not retried unchanged
+
+
+def test_reindexing_with_another_adapter_is_refused(ray_session, tiny_clap, tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    sf.write(d / "a.wav", tone(3.0, 48000), 48000)
+    run_index(make_cfg(tmp_path / "run", d, tiny_clap), show_progress=False)
+    other = make_cfg(tmp_path / "run", d, tiny_clap)
+    other = other.model_copy(update={"model": other.model.model_copy(update={"adapter": str(tmp_path / "lora")})})
+    with pytest.raises(LarcqError, match="built with other settings.*adapter"):
+        run_index(other, show_progress=False)

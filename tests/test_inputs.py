@@ -1,9 +1,9 @@
 import pytest
 
 from larcq_ray.config import DataConfig
-from larcq_ray.errors import LarcqError
-from larcq_ray.inputs import check_queries_against_corpus, list_corpus, read_queries, safe_audio_id
-from larcq_ray.query_chunking import query_chunks, split_sentences
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.inputs import check_queries_against_corpus, list_corpus, read_queries, safe_audio_id
+from larcq_ray.search.query_chunking import query_chunks, split_sentences
 
 
 def write(p, text):

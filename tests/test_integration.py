@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from larcq_ray.cli import main
-from larcq_ray.demo_benchmark import DemoBenchmarkSpec, write_demo_benchmark
-from larcq_ray.index_store import IndexStore
-from larcq_ray.scoring import MODES
+from larcq_ray.offline.demo_benchmark import DemoBenchmarkSpec, write_demo_benchmark
+from larcq_ray.index.store import IndexStore
+from larcq_ray.search.scoring import MODES
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_caption_rerank_evaluate_after_search(run, tmp_path_factory):
 
     from ray import serve
 
-    from larcq_ray.caption.tiny_alm import build_tiny_qwen2_audio
+    from larcq_ray.offline.tiny_alm import build_tiny_qwen2_audio
 
     run_dir, bench, cfg_path = run
     alm = build_tiny_qwen2_audio(tmp_path_factory.mktemp("alm"), ["a tone rings", "noise hisses", "a bell"] * 20)

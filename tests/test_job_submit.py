@@ -144,7 +144,7 @@ def _wait(head: dict, sid: str) -> str:
 
 def test_ray_job_submit_runs_the_pipeline_on_a_real_head(ray_session, ray_head):
     # ray_session first: the session's local Ray is up while the head runs, and must survive it.
-    from larcq_ray.demo import prepare_demo
+    from larcq_ray.offline.demo import prepare_demo
 
     # Inputs under the head's private root: their paths in the job's command line let teardown
     # find a stray job driver.

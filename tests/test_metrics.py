@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from larcq_ray.errors import LarcqError
-from larcq_ray.metrics import KS, recall_curve, retrieval_metrics
-from larcq_ray.report import write_report
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.evaluate.metrics import KS, recall_curve, retrieval_metrics
+from larcq_ray.evaluate.report import write_report
 
 METRIC_KEYS = {"R@1", "R@5", "R@10", "mAP@10", "mean_rank", "median_rank", "n_queries", "n_missing_gt"}
 

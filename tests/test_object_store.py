@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from larcq_ray.cli import main
-from larcq_ray.storage import is_uri, open_location, staged_run_dir
+from larcq_ray.core.storage import is_uri, open_location, staged_run_dir
 
 from test_synthesis import _clotho_source, _files
 
@@ -44,8 +44,8 @@ def test_uri_detection():
 
 
 def test_synthesize_into_s3_matches_local_bytes(ray_session, s3, tmp_path):
-    from larcq_ray.synthesis.config import SynthesizeConfig
-    from larcq_ray.synthesis.pipeline import run_synthesize
+    from larcq_ray.synthesize.config import SynthesizeConfig
+    from larcq_ray.synthesize.job import run_synthesize
 
     csv_path, audio = _clotho_source(tmp_path / "src")
     kw = dict(captions_csv=str(csv_path), audio_dir=str(audio), n_audios=4, clips_per_audio=2, seed=3)
@@ -61,7 +61,7 @@ def test_synthesize_into_s3_matches_local_bytes(ray_session, s3, tmp_path):
 
 
 def test_pipeline_run_dir_on_s3(ray_session, s3, tiny_clap, tmp_path):
-    from larcq_ray.demo_benchmark import DemoBenchmarkSpec, write_demo_benchmark
+    from larcq_ray.offline.demo_benchmark import DemoBenchmarkSpec, write_demo_benchmark
 
     bench = write_demo_benchmark(tmp_path / "bench", DemoBenchmarkSpec(n_audios=4, seed=1))
     run_uri = s3("runs/r1")

@@ -13,9 +13,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
 
-from larcq_ray.errors import LarcqError  # noqa: E402
-from larcq_ray.refine import RefineConfig, clean_output  # noqa: E402
-from larcq_ray.refine.pipeline import run_refine  # noqa: E402
+from larcq_ray.core.errors import LarcqError  # noqa: E402
+from larcq_ray.refine.cleaning import clean_output  # noqa: E402
+from larcq_ray.refine.config import RefineConfig  # noqa: E402
+from larcq_ray.refine.job import run_refine  # noqa: E402
 from larcq_ray.refine.prompts import DEFAULT_PROMPTS, build_prompt, check_template  # noqa: E402
 
 HEADER = ["audio_id", "query", "split_1", "split_2", "split_3"]
@@ -214,7 +215,7 @@ def test_run_refine_fake_engine_cleans_flags_and_keeps_rows(ray_session, tmp_pat
 
 @pytest.fixture(scope="module")
 def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from larcq_ray.rerank.tiny_lm import build_tiny_causal_lm
+    from larcq_ray.offline.tiny_lm import build_tiny_causal_lm
 
     texts = [r[1] for r in ROWS] + list(DEFAULT_PROMPTS.values())
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_refine_lm"), texts, seed=0)

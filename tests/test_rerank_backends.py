@@ -13,10 +13,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
 
-from larcq_ray.errors import LarcqError  # noqa: E402
-from larcq_ray.rerank import RerankBackendConfig, build_backend  # noqa: E402
+from larcq_ray.core.errors import LarcqError  # noqa: E402
+from larcq_ray.rerank.backends import build_backend  # noqa: E402
+from larcq_ray.rerank.config import RerankBackendConfig  # noqa: E402
 from larcq_ray.rerank import listwise  # noqa: E402
-from larcq_ray.rerank.tiny_lm import build_tiny_causal_lm  # noqa: E402
+from larcq_ray.offline.tiny_lm import build_tiny_causal_lm  # noqa: E402
 
 QUERY = "a dog barks while rain falls on a roof"
 MATCH = "a dog is barking and rain is falling"

@@ -119,7 +119,8 @@ def test_rerank_through_an_existing_http_endpoint_and_a_named_serve_app(run_dir,
     of the cluster by name (serve://), and any endpoint over HTTP; all give the same ranking."""
     from ray import serve
 
-    from larcq_ray.rerank.app import RerankServeConfig, run_server
+    from larcq_ray.rerank.app import run_server
+    from larcq_ray.rerank.config import RerankServeConfig
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     url = run_server(RerankServeConfig.model_validate(cfg["serve"]), blocking=False, app_name="shared-rerank")
@@ -145,3 +146,50 @@ def test_rerank_endpoint_errors_are_clear(run_dir, tmp_path, capsys):
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
         assert main(["rerank", "--config", str(tmp_path / "c.yaml")]) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_more_windows_than_the_service_takes_are_split_into_several_requests(run_dir, tmp_path):
+    """Each query sends 6 window captions; a service capped at 4 documents per request still re-ranks
+    everything: split up front when the job starts the service, on its 413 answer otherwise."""
+    from ray import serve
+
+    from larcq_ray.rerank.app import run_server
+    from larcq_ray.rerank.config import RerankServeConfig
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert main(["rerank", "--config", str(run_dir / "config.yaml")]) == 0
+    expected = pq.read_table(run_dir / "reranked.parquet").to_pandas().sort_values(["query_id", "rank"])
+
+    small = {**cfg["serve"], "max_documents": 4, "route_prefix": "/small"}
+    url = run_server(RerankServeConfig.model_validate(small), blocking=False, app_name="small-rerank")
+    own = {**small, "route_prefix": "/own"}  # the job's own app, beside the one above
+    try:
+        for endpoint, serve_cfg in ((None, own), (url, cfg["serve"]), ("serve://small-rerank", cfg["serve"])):
+            c = {**cfg, "serve": serve_cfg, "rerank": {**cfg["rerank"], "endpoint": endpoint}}
+            (tmp_path / "c.yaml").write_text(yaml.safe_dump(c))
+            assert main(["rerank", "--config", str(tmp_path / "c.yaml")]) == 0, endpoint
+            got = pq.read_table(run_dir / "reranked.parquet").to_pandas().sort_values(["query_id", "rank"])
+            assert got.audio_id.tolist() == expected.audio_id.tolist(), endpoint
+            np.testing.assert_allclose(got.rerank_score, expected.rerank_score, rtol=1e-5)
+            assert json.loads((run_dir / "rerank_meta.json").read_text())["n_failed_queries"] == 0
+    finally:
+        serve.delete("small-rerank")
+
+
+def test_a_query_whose_rerank_fails_keeps_its_clap_order_and_the_job_goes_on(run_dir, tmp_path):
+    from larcq_ray.rerank.config import RerankJobConfig
+    from larcq_ray.rerank.job import rerank_shortlist
+
+    class FlakyClient:  # fails every request of query 1 (its chunks mention a bell or a car)
+        def rerank(self, query, documents):
+            if "bell" in query or "car" in query:
+                raise RuntimeError("connection reset by peer")
+            return [float("dog" in d) + float("rain" in d) for d in documents]
+
+    meta = rerank_shortlist(run_dir, RerankJobConfig(top_n=4), FlakyClient())
+    assert meta["n_failed_queries"] == 1 and meta["failed_query_ids"] == [1]
+    t = pq.read_table(run_dir / "reranked.parquet").to_pandas().sort_values(["query_id", "rank"])
+    q1 = t[t.query_id == 1]
+    assert q1.audio_id.tolist() == SHORTLIST[1] and q1["rank"].tolist() == [1, 2, 3, 4]
+    assert all(n.startswith("re-rank failed (RuntimeError: connection reset by peer)") for n in q1.note)
+    assert t[t.query_id == 0].audio_id.iloc[0] == "dog_rain.wav"  # the other query was re-ranked

@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from larcq_ray.errors import LarcqError
-from larcq_ray.rerank.app import API_KEY_ENV, RerankServeConfig, app_builder, run_server
-from larcq_ray.rerank.backends import RerankBackendConfig
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.rerank.app import app_builder, run_server
+from larcq_ray.rerank.config import API_KEY_ENV, RerankBackendConfig, RerankServeConfig
 
 API_KEY = "s3cret-test-key"
 MAX_DOCUMENTS = 5

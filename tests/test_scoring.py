@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from larcq_ray import scoring
-from larcq_ray.errors import LarcqError
-from larcq_ray.scoring import MODES, AudioEmbeddings, QueryEmbeddings, _plan_blocks, score
+from larcq_ray.search import scoring
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.search.scoring import MODES, AudioEmbeddings, QueryEmbeddings, _plan_blocks, score
 
 
 def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

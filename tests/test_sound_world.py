@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from larcq_ray import sound_world as sw
-from larcq_ray.errors import LarcqError
+from larcq_ray.offline import sound_world as sw
+from larcq_ray.core.errors import LarcqError
 
 SR = 48000
 

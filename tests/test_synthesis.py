@@ -12,12 +12,12 @@ import pytest
 import soundfile as sf
 import yaml
 
-from larcq_ray.errors import LarcqError
-from larcq_ray.inputs import read_queries
-from larcq_ray.synthesis.config import SynthesizeConfig
-from larcq_ray.synthesis.pipeline import run_synthesize
-from larcq_ray.synthesis.plan import LongAudioPlan, PlannedClip
-from larcq_ray.synthesis.render import render_batch
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.inputs import read_queries
+from larcq_ray.synthesize.config import SynthesizeConfig
+from larcq_ray.synthesize.job import run_synthesize
+from larcq_ray.synthesize.plan import LongAudioPlan, PlannedClip
+from larcq_ray.synthesize.render import render_batch
 
 from conftest import CAPTIONS, tone
 

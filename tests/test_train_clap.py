@@ -10,26 +10,39 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from larcq_ray.errors import LarcqError
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.offline import sound_world
 
 SR = 48000
-KINDS = ["low_tone", "high_tone", "white_noise", "rising_sweep", "beeping", "siren", "click_train", "brown_rumble"]
+# sound_world kinds that are easy to tell apart: hum, high tone, static, sweep, beeps, siren, clicks, windy whistle
+KINDS = ["low_tone", "high_tone", "white_noise", "rising_sweep", "short_beeps", "siren", "click_train",
+         "whistling_wind"]
+
+
+def _event(kind: str) -> sound_world.EventSpec:
+    return sound_world.EventSpec(kind, {"loudness": "loud"})
+
+
+def _captions(kind: str) -> list[str]:
+    return sound_world.captions(_event(kind), "train")
+
+
+def _render(kind: str, rng: np.random.Generator, seconds: float) -> np.ndarray:
+    return sound_world.render(_event(kind), rng, seconds, SR)
 
 
 def _write_pairs(folder: Path, kinds: list[str], per_kind: int = 1, seconds: float = 1.5, seed: int = 0,
                  bad: bool = False) -> Path:
     """Clotho layout: <folder>/audio/*.wav + <folder>/captions.csv (3 captions per file)."""
-    from larcq_ray.synth_events import event_kind, render_event
-
     audio = folder / "audio"
     audio.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
     for k in kinds:
-        caps = list(event_kind(k).captions)[:3]
+        caps = _captions(k)[:3]
         for j in range(per_kind):
             name = f"{k}_{j}.wav"
-            sf.write(audio / name, render_event(k, rng, seconds, SR), SR)
+            sf.write(audio / name, _render(k, rng, seconds), SR)
             rows.append([name, *caps])
     if bad:
         (audio / "broken.wav").write_text("not audio at all\n" * 20)
@@ -44,24 +57,22 @@ def _write_pairs(folder: Path, kinds: list[str], per_kind: int = 1, seconds: flo
 
 @pytest.fixture(scope="module")
 def fresh_model(tmp_path_factory):
-    from larcq_ray.synth_events import event_kind
-    from larcq_ray.tiny_clap import build_fresh_clap
+    from larcq_ray.models.fresh_clap import build_fresh_clap
 
-    texts = [c for k in KINDS for c in event_kind(k).captions] * 10
+    texts = [c for k in KINDS for c in _captions(k)] * 10
     return build_fresh_clap(tmp_path_factory.mktemp("fresh"), texts, fusion=False, seed=0, dim=32, text_heads=2)
 
 
 def _batch(model_dir: Path, n: int = 4, seed: int = 0):
     import torch
 
-    from larcq_ray.clap import AudioFeaturizer, load_tokenizer
-    from larcq_ray.synth_events import event_kind, render_event
+    from larcq_ray.models.clap import AudioFeaturizer, load_tokenizer
 
     fz = AudioFeaturizer(str(model_dir))
     tok = load_tokenizer(str(model_dir))
     rng = np.random.default_rng(seed)
-    feats = np.stack([fz(render_event(k, rng, 1.0, SR)).input_features for k in KINDS[:n]])
-    texts = [event_kind(k).captions[0] for k in KINDS[:n]]
+    feats = np.stack([fz(_render(k, rng, 1.0)).input_features for k in KINDS[:n]])
+    texts = [_captions(k)[0] for k in KINDS[:n]]
     enc = tok(texts, padding=True, return_tensors="pt")
     return dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                 input_features=torch.as_tensor(feats), is_longer=torch.zeros(n, 1, dtype=torch.bool))
@@ -80,7 +91,7 @@ def test_loss_matches_formula_and_all_params_get_gradients(fresh_model):
     import torch
     import torch.nn.functional as F
 
-    from larcq_ray.clap import load_clap_model
+    from larcq_ray.models.clap import load_clap_model
     from larcq_ray.train.loss import clap_logits, clap_outputs_loss, symmetric_infonce
 
     model = load_clap_model(str(fresh_model), device="cpu").train()
@@ -105,7 +116,7 @@ def test_loss_matches_formula_and_all_params_get_gradients(fresh_model):
 def test_lora_trains_only_adapters_and_reloads_through_load_clap_model(fresh_model, tmp_path):
     import torch
 
-    from larcq_ray.clap import load_clap_model
+    from larcq_ray.models.clap import load_clap_model
     from larcq_ray.train.loop import build_model
     from larcq_ray.train.loss import clap_outputs_loss
 
@@ -140,7 +151,7 @@ def test_lora_trains_only_adapters_and_reloads_through_load_clap_model(fresh_mod
 
 
 def test_two_workers_checkpoint_resume_and_skipped_inputs(ray_session, tmp_path):
-    from larcq_ray.clap import load_clap_model
+    from larcq_ray.models.clap import load_clap_model
     from larcq_ray.train.job import run_train_clap
 
     csv_path = _write_pairs(tmp_path / "data", KINDS, per_kind=1, bad=True)
@@ -200,8 +211,7 @@ def test_cli_trains_from_provenance_with_a_frozen_grafted_text_tower(ray_session
     from safetensors.torch import load_file
 
     from larcq_ray.cli import main
-    from larcq_ray.demo_clap import minilm_path
-    from larcq_ray.synth_events import event_kind, render_event
+    from larcq_ray.offline.demo_clap import minilm_path
 
     bench = tmp_path / "bench"
     (bench / "audios").mkdir(parents=True)
@@ -210,9 +220,9 @@ def test_cli_trains_from_provenance_with_a_frozen_grafted_text_tower(ray_session
     for a in range(3):
         parts, t = [], 0.0
         for pos, k in enumerate(KINDS[(3 * a + i) % len(KINDS)] for i in range(3)):
-            x = render_event(k, rng, 1.0, SR)
+            x = _render(k, rng, 1.0)
             rows.append({"audio_id": f"long_{a}.wav", "position": pos, "source_file": f"{k}_{a}.wav",
-                         "caption": event_kind(k).captions[0] if a != 2 or pos else "", "start_s": t,
+                         "caption": _captions(k)[0] if a != 2 or pos else "", "start_s": t,
                          "end_s": t + 1.0})
             parts.append(x)
             t += 1.0

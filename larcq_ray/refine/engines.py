@@ -1,7 +1,7 @@
 """Generation backends for `refine`, behind one interface: `generate(prompts) -> list[str]`.
 
 `prompts` are the filled user prompts (prompts.py); an engine renders them for its model (chat
-template when there is one, see `larcq_ray.llm.render_chat`), generates, and returns the raw
+template when there is one, see `larcq_ray.models.causal_lm.render_chat`), generates, and returns the raw
 completions (no cleaning: that is cleaning.py's job), one per prompt, in order.
 
 - `transformers` (`TransformersEngine`): any causal LM, CPU or GPU, runs inside the Ray Data actor.
@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from larcq_ray.errors import LarcqError
+from larcq_ray.core.errors import LarcqError
 
 if TYPE_CHECKING:  # pragma: no cover
     from larcq_ray.refine.config import RefineConfig
@@ -28,7 +28,7 @@ class RefineEngine(Protocol):
 
 
 class TransformersEngine:
-    """AutoModelForCausalLM + AutoTokenizer (shared loader: `larcq_ray.llm.load_causal_lm`).
+    """AutoModelForCausalLM + AutoTokenizer (shared loader: `larcq_ray.models.causal_lm.load_causal_lm`).
 
     Batched with left padding (all rows of a batch end at the same position, so generation
     continues every row from its real last token). Greedy when temperature == 0, else sampled with
@@ -36,7 +36,7 @@ class TransformersEngine:
     """
 
     def __init__(self, cfg: "RefineConfig") -> None:
-        from larcq_ray.llm import has_chat_template, load_causal_lm
+        from larcq_ray.models.causal_lm import has_chat_template, load_causal_lm
 
         self.cfg = cfg
         self.model_name = cfg.model
@@ -47,7 +47,7 @@ class TransformersEngine:
         self._eos = eos if eos is not None else self.tokenizer.eos_token_id
 
     def render(self, prompt: str) -> str:
-        from larcq_ray.llm import render_chat
+        from larcq_ray.models.causal_lm import render_chat
 
         return render_chat(self.tokenizer, prompt)
 

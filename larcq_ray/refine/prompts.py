@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from larcq_ray.errors import LarcqError
-from larcq_ray.llm import check_prompt_template
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.models.causal_lm import check_prompt_template
 
 Mode = Literal["condense", "rephrase"]
 MODES: tuple[str, ...] = ("condense", "rephrase")

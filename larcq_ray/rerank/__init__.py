@@ -1,10 +1,6 @@
-"""Re-ranking of shortlisted audios by their captions: bi-encoder, cross-encoder, listwise LMs."""
+"""Re-ranking: the /rerank Ray Serve application (protocol, router, serving, backends) and the job that
+re-ranks a shortlist through it.
 
-from larcq_ray.rerank.backends import (
-    DEFAULT_MODELS,
-    RerankBackend,
-    RerankBackendConfig,
-    build_backend,
-)
-
-__all__ = ["DEFAULT_MODELS", "RerankBackend", "RerankBackendConfig", "build_backend"]
+Reads: shortlist.parquet, queries.parquet (search) and captions.parquet (caption).
+Writes: reranked.parquet, rerank_meta.json. Serves: POST /rerank, GET /healthz.
+"""

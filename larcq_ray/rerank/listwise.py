@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from larcq_ray.errors import LarcqError
-from larcq_ray.llm import check_prompt_template
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.models.causal_lm import check_prompt_template
 
 DEFAULT_TEMPLATE = (
     "Query (a description of a long audio recording):\n{query}\n\n"
@@ -86,9 +86,9 @@ def build_prompt(query: str, documents: Sequence[str], template: str, labels: Se
 def render(tokenizer: Any, prompt: str) -> str:
     """Chat template (user turn + assistant start) if the tokenizer has one, else prompt + newline.
 
-    The rule lives in `larcq_ray.llm.render_chat`, shared with the query refiner.
+    The rule lives in `larcq_ray.models.causal_lm.render_chat`, shared with the query refiner.
     """
-    from larcq_ray.llm import render_chat
+    from larcq_ray.models.causal_lm import render_chat
 
     return render_chat(tokenizer, prompt)
 

@@ -19,7 +19,7 @@ top_n > len(documents) is clamped to len(documents), as Cohere and vLLM do.
 import hmac
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,10 +36,8 @@ from larcq_ray.rerank.protocol import (
     RerankRequest,
     RerankResponse,
 )
+from larcq_ray.rerank.config import RerankServeConfig
 from larcq_ray.rerank.serving import BackendError, RerankServing
-
-if TYPE_CHECKING:  # pragma: no cover - app.py imports this module; no runtime cycle
-    from larcq_ray.rerank.app import RerankServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +159,7 @@ _RERANK_OPENAPI = {
 class RerankDeployment:
     """One replica: one backend, one batch queue."""
 
-    def __init__(self, cfg: "RerankServeConfig") -> None:
+    def __init__(self, cfg: RerankServeConfig) -> None:
         from larcq_ray.rerank.backends import build_backend
 
         self.cfg = cfg

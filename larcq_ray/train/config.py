@@ -37,7 +37,7 @@ class TrainDataConfig(_Strict):
 
 
 class InitSizes(_Strict):
-    """A fresh (random) CLAP, built like tiny_clap.py, with a BPE trained on the training captions."""
+    """A fresh (random) CLAP, built by models/fresh_clap.py, with a BPE trained on the training captions."""
 
     dim: int = Field(64, ge=8)  # text hidden size and projection size
     text_layers: int = Field(2, ge=1)

@@ -8,15 +8,16 @@ draws one of a clip's captions, so a batch never holds the same audio twice (no 
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from larcq_ray.errors import LarcqError
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.stage import Resources, map_stage
 
 SKIPPED_COLUMNS = ["source", "clip_id", "caption_column", "reason"]
 
@@ -74,18 +75,14 @@ def read_clotho_csv(csv_path: str | Path, audio_dir: str | Path, source: str = "
 
 def read_provenance(parquet: str | Path, audios_dir: str | Path | None = None, source: str = "train") -> PairSet:
     """LARCQ provenance: each row is the segment [start_s, end_s) of audios/<audio_id> with its caption."""
-    import pyarrow.parquet as pq
+    from larcq_ray import artifacts
 
     parquet = Path(parquet)
     if not parquet.is_file():
         raise LarcqError(f"provenance file not found: {parquet}")
-    audios = Path(audios_dir) if audios_dir else parquet.parent / "audios"
-    table = pq.read_table(parquet)
-    need = {"audio_id", "position", "source_file", "caption", "start_s", "end_s"}
-    if not need <= set(table.column_names):
-        raise LarcqError(f"{parquet} lacks column(s) {sorted(need - set(table.column_names))}")
+    audios = Path(audios_dir) if audios_dir else parquet.parent / artifacts.BENCHMARK_AUDIOS
     out = PairSet()
-    for r in table.select(sorted(need)).to_pylist():
+    for r in artifacts.PROVENANCE.read_from(parquet).to_pylist():
         cid = f"{r['audio_id']}#{r['position']}"
         text = (r["caption"] or "").strip()
         if not text:
@@ -112,53 +109,72 @@ def clip_rows(clips: list[Clip]) -> list[dict]:
              "captions": json.dumps(c.captions)} for c in clips]
 
 
-@functools.lru_cache(maxsize=2)
-def _featurizer(model: str, fusion_seed: int, local_files_only: bool):
-    from larcq_ray.clap import AudioFeaturizer
-
-    return AudioFeaturizer(model, fusion_seed, local_files_only)  # once per worker process
-
-
-def featurize_clips(batch: dict, *, model: str, fusion_seed: int = 0, local_files_only: bool = False) -> dict:
-    """Ray Data map_batches: decode (+ cut the segment) and compute CLAP features per clip.
+@dataclass
+class FeaturizeClipsStage:
+    """Ray Data task stage: decode (+ cut the segment) and compute CLAP features per clip.
 
     A clip that fails keeps its row with status "failed", zero features and the reason, so the
     job can count it; the training dataset filters those rows out.
     """
-    from larcq_ray.audio import decode_audio
 
-    fz = _featurizer(model, fusion_seed, local_files_only)
-    shape = fz(np.zeros(fz.sample_rate, dtype=np.float32)).input_features.shape
-    decoded: dict[str, object] = {}  # segments of one long audio share a decode
-    feats, longer, status, error = [], [], [], []
-    for path, start, end in zip(batch["path"], batch["start_s"], batch["end_s"]):
-        path = str(path)
-        if path not in decoded:
-            decoded[path] = decode_audio(path, fz.sample_rate)
-        d = decoded[path]
-        err = "" if d.status == "ok" else d.error
-        x = d.samples if not err else None
-        if x is not None and start >= 0:
-            x = x[int(round(start * fz.sample_rate)):int(round(end * fz.sample_rate))]
-            if len(x) == 0:
-                err, x = f"empty: segment [{start:g}, {end:g}) s holds no samples", None
-        if x is not None:
-            f = fz(x)
-            feats.append(f.input_features)
-            longer.append(f.is_longer)
-        else:
-            feats.append(np.zeros(shape, dtype=np.float32))
-            longer.append(False)
-        status.append("failed" if err else "ok")
-        error.append(err)
-    return {
-        "clip_id": np.asarray(batch["clip_id"], dtype=object),
-        "captions": np.asarray(batch["captions"], dtype=object),
-        "features": np.stack(feats).astype(np.float32),
-        "is_longer": np.asarray(longer, dtype=bool),
-        "status": np.asarray(status, dtype=object),
-        "error": np.asarray(error, dtype=object),
-    }
+    model: str
+    fusion_seed: int = 0
+    local_files_only: bool = False
+    name: str = "featurize"
+    _fz: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1)
+
+    def setup(self) -> None:
+        from larcq_ray.models.clap import cached_featurizer
+
+        self._fz = cached_featurizer(self.model, self.fusion_seed, self.local_files_only)
+        self._shape = self._fz(np.zeros(self._fz.sample_rate, dtype=np.float32)).input_features.shape
+
+    def process_batch(self, batch: dict) -> dict:
+        from larcq_ray.core.audio import decode_audio
+
+        fz = self._fz
+        decoded: dict[str, object] = {}  # segments of one long audio share a decode
+        feats, longer, status, error = [], [], [], []
+        for path, start, end in zip(batch["path"], batch["start_s"], batch["end_s"]):
+            path = str(path)
+            if path not in decoded:
+                decoded[path] = decode_audio(path, fz.sample_rate)
+            d = decoded[path]
+            err = "" if d.status == "ok" else d.error
+            x = d.samples if not err else None
+            if x is not None and start >= 0:
+                x = x[int(round(start * fz.sample_rate)):int(round(end * fz.sample_rate))]
+                if len(x) == 0:
+                    err, x = f"empty: segment [{start:g}, {end:g}) s holds no samples", None
+            if x is not None:
+                f = fz(x)
+                feats.append(f.input_features)
+                longer.append(f.is_longer)
+            else:
+                feats.append(np.zeros(self._shape, dtype=np.float32))
+                longer.append(False)
+            status.append("failed" if err else "ok")
+            error.append(err)
+        return self._columns(batch, feats, longer, status, error)
+
+    def failed_batch(self, batch: dict, reason: str) -> dict:
+        n = len(batch["clip_id"])
+        return self._columns(batch, [np.zeros(self._shape, dtype=np.float32)] * n, [False] * n, ["failed"] * n,
+                             [reason] * n)
+
+    @staticmethod
+    def _columns(batch, feats, longer, status, error) -> dict:
+        return {
+            "clip_id": np.asarray(batch["clip_id"], dtype=object),
+            "captions": np.asarray(batch["captions"], dtype=object),
+            "features": np.stack(feats).astype(np.float32),
+            "is_longer": np.asarray(longer, dtype=bool),
+            "status": np.asarray(status, dtype=object),
+            "error": np.asarray(error, dtype=object),
+        }
 
 
 def feature_dataset(clips: list[Clip], model: str, *, fusion_seed: int = 0, local_files_only: bool = False,
@@ -169,10 +185,8 @@ def feature_dataset(clips: list[Clip], model: str, *, fusion_seed: int = 0, loca
     if not clips:
         return None, []
     rows = sorted(clip_rows(clips), key=lambda r: (r["path"], r["start_s"]))  # segments of a file together
-    ds = ray.data.from_items(rows).map_batches(
-        featurize_clips, batch_size=files_per_task, batch_format="numpy",
-        fn_kwargs=dict(model=model, fusion_seed=fusion_seed, local_files_only=local_files_only),
-    ).materialize()
+    stage = FeaturizeClipsStage(model=model, fusion_seed=fusion_seed, local_files_only=local_files_only)
+    ds = map_stage(ray.data.from_items(rows), stage, files_per_task).materialize()
     failed = ds.filter(lambda r: r["status"] == "failed").select_columns(["clip_id", "error"]).take_all()
     skipped = [{"source": source, "clip_id": r["clip_id"], "caption_column": "", "reason": f"audio failed: {r['error']}"}
                for r in failed]

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from larcq_ray.errors import LarcqError
+from larcq_ray.core.errors import LarcqError
 from larcq_ray.train.data import PairSet, feature_dataset, read_clotho_csv, read_provenance, split_by_group, write_skipped
 from larcq_ray.train.loop import PROGRESS_FILE, train_loop_per_worker
 
@@ -47,13 +47,13 @@ def read_pairs(tc) -> tuple[PairSet, PairSet]:
 def base_model(tc, run_dir: Path, captions: list[str]) -> str:
     """init.from as given, or a fresh model built once into <run_dir>/init_model (reused on resume)."""
     if tc.init.from_:
-        from larcq_ray.clap import load_clap_config
+        from larcq_ray.models.clap import load_clap_config
 
         load_clap_config(tc.init.from_, tc.init.local_files_only)  # fail here, not in every worker
         return tc.init.from_
     out = run_dir / "init_model"
     if not (out / "config.json").is_file():
-        from larcq_ray.tiny_clap import build_fresh_clap
+        from larcq_ray.models.fresh_clap import build_fresh_clap
 
         s = tc.init.config
         build_fresh_clap(out, captions, fusion=s.fusion, seed=tc.init.seed, vocab_size=s.vocab_size, dim=s.dim,
@@ -70,7 +70,7 @@ def run_train_clap(cfg) -> dict:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from larcq_ray.ray_session import ensure_ray
+    from larcq_ray.core.ray_session import ensure_ray
 
     tc = cfg.train
     if tc.data is None or tc.init is None:
@@ -169,3 +169,13 @@ def run_train_clap(cfg) -> dict:
         raise LarcqError(f"loss became NaN at step {progress['nan_at_step']}; last good checkpoint: {latest} "
                          f"(lower train.lr, or re-run to resume from it)")
     return summary
+
+
+def run(cfg) -> dict:
+    """`larcq-ray train-clap` (needs a local run_dir: workers write model_best/ into it)."""
+    s = run_train_clap(cfg)
+    log.info("trained %s%s: %d steps (resumed from step %d) on %d pairs, %d inputs skipped; best val R@1 %s "
+             "(epoch %s); model: %s", s["base_model"], " (LoRA)" if s["lora"] else "", s["steps"] or 0,
+             s["resumed_from_step"] or 0, s["n_train_pairs"], s["skipped"]["total"], s["best_val_R@1"],
+             s["best_epoch"], s["paths"]["model_best"])
+    return s

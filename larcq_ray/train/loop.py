@@ -26,7 +26,7 @@ PROGRESS_FILE = "train_progress.json"  # rank 0 mirrors the state into run_dir f
 
 def build_model(base: str, lora: dict | None, local_files_only: bool = False):
     """The base ClapModel in train mode; with `lora`, wrapped by peft (only adapter weights train)."""
-    from larcq_ray.clap import load_clap_model
+    from larcq_ray.models.clap import load_clap_model
 
     model = load_clap_model(base, device="cpu", local_files_only=local_files_only)
     if lora:
@@ -37,7 +37,7 @@ def build_model(base: str, lora: dict | None, local_files_only: bool = False):
         try:
             model = get_peft_model(model, cfg)
         except ValueError as e:
-            from larcq_ray.errors import LarcqError
+            from larcq_ray.core.errors import LarcqError
 
             raise LarcqError(f"train.lora.target_modules {lora['target_modules']} match no module of the model: "
                              f"{str(e).splitlines()[0][:200]}") from None
@@ -58,7 +58,7 @@ def freeze_parameters(model, prefixes: list[str]) -> int:
                 hit[p] += 1
     unused = [p for p, n in hit.items() if n == 0]
     if unused:
-        from larcq_ray.errors import LarcqError
+        from larcq_ray.core.errors import LarcqError
 
         raise LarcqError(f"train.freeze prefix(es) {unused} match no parameter of the model "
                          "(names look like 'text_model.encoder.layer.0...', 'audio_model...')")
@@ -78,7 +78,7 @@ def param_groups(model, lr: float, param_lr: dict[str, float]) -> list[dict]:
         (by_prefix[max(hits, key=len)] if hits else rest).append(param)
     empty = [p for p, ps in by_prefix.items() if not ps]
     if empty:
-        from larcq_ray.errors import LarcqError
+        from larcq_ray.core.errors import LarcqError
 
         raise LarcqError(f"train.param_lr prefix(es) {empty} match no trainable parameter")
     return [{"params": rest, "lr": lr}] + [{"params": ps, "lr": float(param_lr[p])} for p, ps in by_prefix.items()]
@@ -173,7 +173,7 @@ def export_model(model, base: str, out: Path, lora: bool, adapter_out: Path | No
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".model_tmp"))
     merged.save_pretrained(str(tmp))
     ClapProcessor.from_pretrained(base).save_pretrained(str(tmp))
-    from larcq_ray.tiny_clap import MODEL_CARD
+    from larcq_ray.models.model_card import MODEL_CARD
 
     (tmp / MODEL_CARD).write_text(json.dumps({**card, "trained": True}, indent=2))
     _replace(tmp, out)
@@ -272,7 +272,7 @@ def train_loop_per_worker(c: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from larcq_ray.clap import load_tokenizer, quiet_transformers
+    from larcq_ray.models.clap import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     ctx = ray.train.get_context()

@@ -1,0 +1,222 @@
+"""Typed inputs: the corpus (which files, under which ids) and the benchmark (queries.csv).
+
+An audio id is a path relative to the corpus root, with '/' separators, that stays inside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from larcq_ray.core.errors import LarcqError
+
+
+class DataConfig(BaseModel):
+    """Where the audio and the queries are (the `data` section of a pipeline config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # LARCQ layout: <benchmark>/queries.csv and <benchmark>/audios/<audio_id>.
+    benchmark: Optional[str] = None
+    # A corpus without queries: a folder, a text file listing paths (one per line), or a glob.
+    corpus: Optional[str] = None
+    # Overrides <benchmark>/queries.csv.
+    queries_csv: Optional[str] = None
+    extensions: list[str] = Field(default_factory=lambda: ["wav", "flac", "ogg", "mp3"])
+
+
+@dataclass(frozen=True)
+class AudioRef:
+    audio_id: str
+    path: str  # absolute
+
+
+@dataclass(frozen=True)
+class Query:
+    query_id: int  # row number in queries.csv (0-based, header excluded): stable ground-truth alignment
+    audio_id: str  # ground truth
+    text: str
+    splits: tuple[str, ...]  # non-empty split_i cells, in column order
+
+
+def safe_audio_id(raw: str, where: str) -> str:
+    """Normalize an audio id and refuse one that is absolute or escapes the corpus root."""
+    s = raw.strip().replace("\\", "/")
+    if not s:
+        raise LarcqError(f"{where}: empty audio_id")
+    p = PurePosixPath(s)
+    if p.is_absolute() or re.match(r"^[A-Za-z]:", s):
+        raise LarcqError(f"{where}: audio_id {raw!r} is an absolute path; ids are relative to the corpus root")
+    parts: list[str] = []
+    for x in p.parts:
+        if x == "..":
+            if not parts:
+                raise LarcqError(f"{where}: audio_id {raw!r} escapes the corpus root")
+            parts.pop()
+        elif x not in ("", "."):
+            parts.append(x)
+    if not parts:
+        raise LarcqError(f"{where}: audio_id {raw!r} names no file")
+    return "/".join(parts)
+
+
+def corpus_root(data: DataConfig) -> Path:
+    if data.corpus:
+        c = Path(data.corpus)
+        if c.is_dir():
+            return c.resolve()
+        if c.is_file():
+            return c.resolve().parent  # list file: ids relative to its folder
+        return Path(_glob_base(data.corpus)).resolve()
+    if data.benchmark:
+        return (Path(data.benchmark) / "audios").resolve()
+    raise LarcqError("config data: set data.benchmark (LARCQ layout) or data.corpus (folder, list file or glob)")
+
+
+def _glob_base(pattern: str) -> str:
+    base = []
+    for part in Path(pattern).parts:
+        if any(ch in part for ch in "*?["):
+            break
+        base.append(part)
+    return str(Path(*base)) if base else "."
+
+
+def list_corpus(data: DataConfig) -> list[AudioRef]:
+    """Every audio file of the corpus, sorted by id. Unreadable files are kept: indexing records why."""
+    root = corpus_root(data)
+    exts = {"." + e.lower().lstrip(".") for e in data.extensions}
+    src = data.corpus
+    if src and Path(src).is_file():
+        paths = []
+        for n, line in enumerate(Path(src).read_text().splitlines(), 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = Path(line) if Path(line).is_absolute() else root / line
+                paths.append(p)
+    elif src and not Path(src).is_dir():
+        paths = [Path(p) for p in globlib.glob(src, recursive=True) if Path(p).is_file()]
+        if not paths:
+            raise LarcqError(f"data.corpus: the glob {src!r} matches no files")
+    else:
+        if not root.is_dir():
+            raise LarcqError(f"corpus folder not found: {root}")
+        paths = [
+            Path(dp) / f
+            for dp, _, files in os.walk(root)
+            for f in files
+            if Path(f).suffix.lower() in exts and not f.startswith(".")
+        ]
+    refs = {}
+    for p in paths:
+        p = p.resolve()
+        try:
+            rel = p.relative_to(root)
+        except ValueError:
+            raise LarcqError(f"corpus file {p} lies outside the corpus root {root}") from None
+        aid = safe_audio_id(rel.as_posix(), "corpus")
+        refs[aid] = AudioRef(aid, str(p))
+    if not refs:
+        raise LarcqError(f"no audio files ({', '.join(sorted(exts))}) found in the corpus {src or root}")
+    return [refs[k] for k in sorted(refs)]
+
+
+def queries_csv_path(data: DataConfig) -> Path:
+    if data.queries_csv:
+        return Path(data.queries_csv)
+    if data.benchmark:
+        return Path(data.benchmark) / "queries.csv"
+    raise LarcqError("config data: searching needs queries: set data.benchmark or data.queries_csv")
+
+
+_SPLIT_COL = re.compile(r"^split_(\d+)$")
+
+
+def read_queries(path: str | Path) -> list[Query]:
+    """Parse queries.csv (`audio_id, query, split_1 ... split_N`).
+
+    Rows may have fewer split cells than the header (ragged) or empty ones; both are skipped,
+    never shifted. Rows are never dropped: a query's id is its row number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LarcqError(f"queries file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM from spreadsheet exports
+    except UnicodeDecodeError as e:
+        raise LarcqError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise LarcqError(f"{path} is empty: expected a header `audio_id,query,split_1,...`")
+    header = [h.strip() for h in rows[0]]
+    missing = [c for c in ("audio_id", "query") if c not in header]
+    if missing:
+        raise LarcqError(f"{path}: header lacks column(s) {missing}; found {header}")
+    dupes = sorted({h for h in header if header.count(h) > 1 and h})
+    if dupes:
+        raise LarcqError(f"{path}: duplicate column(s) {dupes} in the header")
+    i_aid, i_q = header.index("audio_id"), header.index("query")
+    split_cols = sorted(
+        ((int(m.group(1)), i) for i, h in enumerate(header) if (m := _SPLIT_COL.match(h))), key=lambda t: t[0]
+    )
+    queries: list[Query] = []
+    for n, row in enumerate(rows[1:]):
+        line = n + 2
+        if not row or all(not c.strip() for c in row):
+            raise LarcqError(f"{path}:{line}: empty row (every row is a query; remove it or fill it)")
+        if len(row) > len(header):
+            raise LarcqError(f"{path}:{line}: {len(row)} cells but the header has {len(header)} columns")
+        cell = lambda i: row[i].strip() if i < len(row) else ""  # noqa: E731
+        aid = safe_audio_id(cell(i_aid), f"{path}:{line}")
+        q = cell(i_q)
+        if not q:
+            raise LarcqError(f"{path}:{line}: empty query for audio {aid!r}")
+        splits = tuple(cell(i) for _, i in split_cols if cell(i))
+        queries.append(Query(len(queries), aid, q, splits))
+    if not queries:
+        raise LarcqError(f"{path} has a header but no queries")
+    return queries
+
+
+def check_queries_against_corpus(queries: list[Query], audio_ids: set[str], root: Path) -> None:
+    missing = sorted({q.audio_id for q in queries if q.audio_id not in audio_ids})
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise LarcqError(
+            f"queries name {len(missing)} audio file(s) that are not in the corpus {root}: {shown}"
+        )
+
+
+def read_audio_id_list(path: str | Path) -> list[str]:
+    """Audio ids from a file: .txt (one per line, '#' comments), .csv (an `audio_id` column, else
+    the first column) or .parquet (an `audio_id` column). Order kept, duplicates dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise LarcqError(f"audio id list {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+        if "audio_id" not in names:
+            raise LarcqError(f"{path} has no audio_id column (columns: {names})")
+        ids = [str(x) for x in pq.read_table(path, columns=["audio_id"]).column("audio_id").to_pylist() if x is not None]
+    elif suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            raise LarcqError(f"{path} is empty")
+        col = rows[0].index("audio_id") if "audio_id" in rows[0] else 0
+        ids = [r[col].strip() for r in rows[1:] if len(r) > col and r[col].strip()]
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        ids = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not ids:
+        raise LarcqError(f"audio id list {path} holds no ids")
+    return list(dict.fromkeys(ids))

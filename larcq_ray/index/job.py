@@ -1,0 +1,148 @@
+"""Index job: corpus -> Ray Data (DecodeChunkStage tasks | ClapEmbedStage actors) -> Parquet index.
+
+Streaming end to end (see core/file_job.py): the driver regroups rows by file and commits a
+Parquet part every `commit_every_files` complete files, so a re-run resumes where this one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from larcq_ray.config import PipelineConfig
+from larcq_ray.core.file_job import FileJobSummary, FileResult, collect_files, file_dataset, reason_kind
+from larcq_ray.core.inputs import AudioRef, list_corpus
+from larcq_ray.index.stages import ClapEmbedStage, DecodeChunkStage
+from larcq_ray.index.store import RETRY_KINDS, UNKNOWN, IndexStore, file_stat
+
+log = logging.getLogger(__name__)
+
+
+def index_meta(cfg: PipelineConfig, sample_rate: int) -> dict:
+    return {
+        "model": cfg.model.name_or_path,
+        "sample_rate": sample_rate,
+        "chunking": cfg.index.chunking.model_dump(),
+        "whole_file": cfg.index.whole_file or cfg.index.chunking.mode == "none",
+        "fusion_seed": cfg.model.fusion_seed,
+        "dtype": cfg.model.dtype,
+        "adapter": cfg.model.adapter,
+    }
+
+
+def _assemble(aid: str, rows: list[dict]) -> FileResult:
+    """One file's rows -> its files-table row and its chunk rows (or its failure)."""
+    rows = sorted(rows, key=lambda r: int(r["chunk_index"]))
+    first = rows[0]
+    bad = [r for r in rows if str(r["status"]) != "ok"]
+    error = str(bad[0]["error"]) if bad else ""
+    warnings = [w for w in str(first["warning"]).split("; ") if w]
+    file_row = {
+        "audio_id": aid, "duration_s": float(first["duration_s"]), "sample_rate": int(first["sample_rate"]),
+        "channels": int(first["channels"]), "n_chunks": int(first["n_chunks"]),
+        "status": "failed" if bad else "ok", "error": error, "warning": str(first["warning"]),
+    }
+    chunks = [] if bad else [
+        {"audio_id": aid, "chunk_index": int(r["chunk_index"]), "start_s": float(r["start_s"]),
+         "end_s": float(r["end_s"]), "embedding": np.frombuffer(r["embedding"], dtype=np.float32)}
+        for r in rows]
+    return FileResult(aid, error=error, warnings=warnings, units=len(chunks), payload=(file_row, chunks))
+
+
+def plan_resume(store: IndexStore, refs: list[AudioRef], stats: dict[str, tuple[int, int]],
+                drop_missing: bool = True) -> tuple[list[AudioRef], int, int, list[str]]:
+    """(files to index, how many changed, how many failed ones are retried, ids to drop).
+
+    A file is indexed when the index has no row for it, when its size or modification time
+    differs from what was recorded, or when it failed for a reason that can change (RETRY_KINDS).
+    Files the index holds that `refs` no longer lists are dropped (when `drop_missing`)."""
+    current = store.current_files()
+    rows = {a: (s, e, sz, mt) for a, s, e, sz, mt in zip(*(current.column(c).to_pylist() for c in (
+        "audio_id", "status", "error", "size_bytes", "mtime_ns")))}
+    todo, changed, retried = [], 0, 0
+    for r in refs:
+        row = rows.get(r.audio_id)
+        if row is None:
+            todo.append(r)
+            continue
+        status, error, size, mtime = row
+        known = size != UNKNOWN and mtime != UNKNOWN  # indexes from before stats were recorded: kept
+        if known and (size, mtime) != stats[r.audio_id]:
+            todo.append(r)
+            changed += 1
+        elif status != "ok" and reason_kind(error) in RETRY_KINDS:
+            todo.append(r)
+            retried += 1
+    listed = {r.audio_id for r in refs}
+    gone = sorted(a for a in rows if a not in listed) if drop_missing else []
+    return todo, changed, retried, gone
+
+
+def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_progress: bool = True,
+              drop_missing: bool = True) -> FileJobSummary:
+    """Index `refs` (default: the whole corpus of cfg.data). With `drop_missing`, `refs` is the corpus:
+    indexed files it no longer lists are dropped from the index."""
+    from larcq_ray.core.ray_session import ensure_ray
+    from larcq_ray.core.stage import map_stage
+
+    refs = refs if refs is not None else list_corpus(cfg.data)
+    from larcq_ray.models.clap import cached_featurizer
+
+    fz = cached_featurizer(cfg.model.name_or_path, cfg.model.fusion_seed, cfg.model.local_files_only)  # fail fast
+    store = IndexStore(Path(cfg.run_dir) / "index")
+    store.open_for_write(index_meta(cfg, fz.sample_rate))
+
+    summary = FileJobSummary("indexed", "embeddings written")
+    stats = {r.audio_id: file_stat(r.path) for r in refs}
+    todo, changed, retried, gone = plan_resume(store, refs, stats, drop_missing)
+    if gone:
+        store.mark_deleted(gone)
+        summary.notes.append(f"{len(gone)} file(s) no longer in the corpus: dropped from the index")
+    if changed:
+        summary.notes.append(f"{changed} file(s) changed since they were indexed: indexed again")
+    if retried:
+        summary.notes.append(f"{retried} file(s) that failed for a reason that can change: retried")
+    summary.skipped = len(refs) - len(todo)
+    if not todo:
+        return summary
+
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    ic, mc = cfg.index, cfg.model
+    decode = DecodeChunkStage(model=mc.name_or_path, fusion_seed=mc.fusion_seed, local_files_only=mc.local_files_only,
+                              chunking=ic.chunking.model_dump(), whole_file=ic.whole_file,
+                              silence_threshold_db=ic.silence_threshold_db, memory_mb=ic.decode_memory_mb)
+    embed = ClapEmbedStage(model=mc.name_or_path, device=mc.device, dtype=mc.dtype, local_files_only=mc.local_files_only,
+                           adapter=mc.adapter, actors=ic.num_actors, cpus=ic.num_cpus_per_actor,
+                           gpus="auto" if ic.num_gpus_per_actor is None else ic.num_gpus_per_actor,
+                           torch_threads=ic.torch_threads)
+    ds = map_stage(file_dataset(todo, ic.files_per_decode_task), decode, ic.files_per_decode_task)
+    ds = map_stage(ds, embed, ic.batch_size)
+
+    def commit(results: list[FileResult]) -> None:
+        files = [{**r.payload[0], "size_bytes": stats[r.audio_id][0], "mtime_ns": stats[r.audio_id][1]}
+                 for r in results]
+        store.commit(files, [c for r in results for c in r.payload[1]])
+
+    return collect_files(ds, len(todo), assemble=_assemble, commit=commit, commit_every=ic.commit_every_files,
+                         summary=summary, desc="index", show_progress=show_progress)
+
+
+def run(cfg: PipelineConfig) -> FileJobSummary:
+    """`larcq-ray index`: check the inputs, index the corpus, log the summary."""
+    from larcq_ray.core.inputs import check_queries_against_corpus, corpus_root, queries_csv_path, read_queries
+
+    refs = list_corpus(cfg.data)
+    if cfg.data.benchmark or cfg.data.queries_csv:  # fail before hours of indexing, not after
+        check_queries_against_corpus(read_queries(queries_csv_path(cfg.data)), {r.audio_id for r in refs},
+                                     corpus_root(cfg.data))
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    log.info("indexing %d files from %s into %s", len(refs), corpus_root(cfg.data), Path(cfg.run_dir) / "index")
+    t0 = time.time()
+    summary = run_index(cfg, refs)
+    for line in summary.lines():
+        log.info(line)
+    log.info("index done in %.1f s", time.time() - t0)
+    return summary

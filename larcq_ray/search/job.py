@@ -1,0 +1,237 @@
+"""Search job: queries -> CLAP text embeddings (queries.parquet) -> vote scoring -> shortlist.
+
+Outputs in the run directory:
+    queries.parquet        query_id, audio_id (ground truth), chunk_index (-1 = whole query), text,
+                           embedding, truncated; reused when the queries, chunking and model are unchanged
+    shortlist.parquet      query_id, mode, rank, audio_id, score (top_k per query and mode)
+    gt_ranks.parquet       query_id, mode, gt_audio_id, gt_rank (0 = not indexed), gt_score
+    retrieved_<mode>.csv   the research code's layout: query, retrieved_audio_1..k, groundtruth_audio
+    search_meta.json       counts and settings the evaluation report needs
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from larcq_ray import artifacts
+from larcq_ray.config import PipelineConfig
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.inputs import Query, queries_csv_path, read_queries
+from larcq_ray.index.store import IndexStore
+from larcq_ray.models.model_card import read_model_card
+from larcq_ray.search.query_chunking import query_chunks
+from larcq_ray.search.scoring import QueryEmbeddings, score
+from larcq_ray.search.stages import ClapTextStage
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class QuerySet:
+    queries: list[Query]
+    embeddings: QueryEmbeddings
+    n_truncated: int
+    n_fallback: int  # queries that had no chunks for the chunking mode and use the whole query
+
+
+def _fingerprint(cfg: PipelineConfig, csv_path: Path) -> dict:
+    return {
+        "model": cfg.model.name_or_path,
+        "dtype": cfg.model.dtype,
+        **({"adapter": cfg.model.adapter} if cfg.model.adapter else {}),
+        "query_chunking": cfg.search.query_chunking,
+        "queries_sha256": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
+    }
+
+
+def embed_queries(cfg: PipelineConfig, queries: list[Query], out_path: Path) -> tuple[pa.Table, int]:
+    import ray
+
+    from larcq_ray.core.ray_session import ensure_ray
+    from larcq_ray.core.stage import map_stage
+
+    rows, n_fallback = [], 0
+    for q in queries:
+        chunks, fell_back = query_chunks(q, cfg.search.query_chunking)
+        n_fallback += fell_back
+        rows.append({"query_id": q.query_id, "audio_id": q.audio_id, "chunk_index": -1, "text": q.text})
+        rows += [{"query_id": q.query_id, "audio_id": q.audio_id, "chunk_index": j, "text": t} for j, t in enumerate(chunks)]
+
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    stage = ClapTextStage(model=cfg.model.name_or_path, device=cfg.model.device, dtype=cfg.model.dtype,
+                          local_files_only=cfg.model.local_files_only, adapter=cfg.model.adapter)
+    ds = map_stage(ray.data.from_items(rows), stage, cfg.search.text_batch_size)
+    out_rows = []
+    failed: list[str] = []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for i in range(len(batch["text"])):
+            if batch["error"][i]:
+                failed.append(f"query {int(batch['query_id'][i])}: {batch['error'][i]}")
+                continue
+            out_rows.append({
+                "query_id": int(batch["query_id"][i]), "audio_id": str(batch["audio_id"][i]),
+                "chunk_index": int(batch["chunk_index"][i]), "text": str(batch["text"][i]),
+                "embedding": np.frombuffer(batch["embedding"][i], dtype=np.float32),
+                "truncated": bool(batch["truncated"][i]),
+            })
+    if failed:
+        raise LarcqError(f"{len(failed)} query text(s) could not be embedded: " + "; ".join(failed[:3]))
+    if len(out_rows) != len(rows):
+        raise LarcqError(f"query embedding returned {len(out_rows)} rows for {len(rows)} texts")
+    out_rows.sort(key=lambda r: (r["query_id"], r["chunk_index"]))
+    table = artifacts.QUERIES.table(out_rows)
+    artifacts.QUERIES.write_to(out_path, table)
+    return table, n_fallback
+
+
+def _query_embeddings(table: pa.Table) -> QueryEmbeddings:
+    qid = table.column("query_id").to_numpy()
+    cidx = table.column("chunk_index").to_numpy()
+    emb = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(), dtype=np.float32)
+    emb = emb.reshape(table.num_rows, -1)
+    order = np.lexsort((cidx, qid))
+    qid, cidx, emb = qid[order], cidx[order], emb[order]
+    ids, first = np.unique(qid, return_index=True)
+    whole = cidx == -1
+    counts = np.add.reduceat((~whole).astype(np.int64), first)
+    return QueryEmbeddings(
+        query_ids=[str(int(i)) for i in ids],
+        whole_emb=np.ascontiguousarray(emb[whole]),
+        chunk_emb=np.ascontiguousarray(emb[~whole]),
+        chunk_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+    )
+
+
+def load_or_embed_queries(cfg: PipelineConfig) -> QuerySet:
+    run_dir = Path(cfg.run_dir)
+    csv_path = queries_csv_path(cfg.data)
+    queries = read_queries(csv_path)
+    out_path = artifacts.QUERIES.path(run_dir)
+    fp = _fingerprint(cfg, csv_path)
+    table = None
+    if out_path.exists() and artifacts.QUERIES_META.exists(run_dir):
+        meta = artifacts.QUERIES_META.read(run_dir)
+        if meta.get("fingerprint") == fp:
+            table, n_fallback = artifacts.QUERIES.read(run_dir), meta["n_fallback"]
+            log.info("reusing query embeddings from %s", out_path)
+    if table is None:
+        table, n_fallback = embed_queries(cfg, queries, out_path)
+        artifacts.QUERIES_META.write(run_dir, {"fingerprint": fp, "n_fallback": n_fallback})
+    truncated = table.filter(pc.equal(table.column("chunk_index"), -1)).column("truncated").to_numpy(zero_copy_only=False)
+    return QuerySet(queries, _query_embeddings(table), int(truncated.sum()), n_fallback)
+
+
+def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    run_dir = Path(cfg.run_dir)
+    store = IndexStore(run_dir / "index")
+    imeta = store.meta()
+    if imeta["model"] != cfg.model.name_or_path:
+        raise LarcqError(
+            f"the index in {store.root} was built with model {imeta['model']!r} but the config names "
+            f"{cfg.model.name_or_path!r}: query and audio embeddings must come from the same model"
+        )
+    if imeta.get("adapter") != cfg.model.adapter:
+        raise LarcqError(
+            f"the index in {store.root} was built with adapter {imeta.get('adapter')!r} but the config names "
+            f"{cfg.model.adapter!r}: query and audio embeddings must come from the same model"
+        )
+    files = store.read_files()
+    recorded = set(files.column("audio_id").to_pylist())
+    qs = load_or_embed_queries(cfg)
+    unknown = sorted({q.audio_id for q in qs.queries} - recorded)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise LarcqError(f"queries name {len(unknown)} audio file(s) that the index never saw: {shown} "
+                         "(index the corpus that holds them first)")
+    if qs.n_truncated:
+        log.warning("%d of %d queries are longer than the text tower's limit and were truncated (not dropped)",
+                    qs.n_truncated, len(qs.queries))
+
+    audios = store.load_embeddings()
+    if audios.chunk_emb.shape[1] != qs.embeddings.whole_emb.shape[1]:
+        raise LarcqError("query and audio embedding sizes differ: rebuild the index or the queries with one model")
+    pos = {a: i for i, a in enumerate(audios.audio_ids)}
+    gt_index = np.array([pos.get(q.audio_id, -1) for q in qs.queries], dtype=np.int64)
+
+    import torch
+
+    from larcq_ray.core.devices import resolve_device
+
+    device = resolve_device(cfg.model.device, "model.device")
+    bar = tqdm(total=len(qs.queries), unit="query", desc="search", disable=not show_progress)
+    done = [0]
+
+    def progress(n):
+        bar.update(n - done[0])
+        done[0] = n
+
+    with torch.inference_mode():
+        results = score(qs.embeddings, audios, cfg.search.modes, top_k=cfg.search.top_k, gt_index=gt_index,
+                        query_block=cfg.search.query_block, chunk_block=cfg.search.chunk_block, device=device,
+                        progress=progress)
+    bar.close()
+    _write_outputs(run_dir, cfg, qs, audios.audio_ids, results)
+    meta = {
+        "n_queries": len(qs.queries),
+        "n_audios": len(audios.audio_ids),
+        "n_files_recorded": len(recorded),
+        "modes": list(cfg.search.modes),
+        "top_k": cfg.search.top_k,
+        "model": cfg.model.name_or_path,
+        "model_card": read_model_card(cfg.model.name_or_path),
+        "query_chunking": cfg.search.query_chunking,
+        "n_truncated_queries": qs.n_truncated,
+        "n_queries_without_chunks": qs.n_fallback,
+        "n_missing_gt": int((gt_index < 0).sum()),
+        "index_has_whole_file": audios.whole_emb is not None,
+    }
+    artifacts.SEARCH_META.write(run_dir, meta)
+    return meta
+
+
+def _write_outputs(run_dir: Path, cfg: PipelineConfig, qs: QuerySet, audio_ids: list[str], results: dict) -> None:
+    ids = np.asarray(audio_ids, dtype=object)
+    qids = np.array([q.query_id for q in qs.queries], dtype=np.int32)
+    short, ranks = [], []
+    for mode, r in results.items():
+        q_n, k = r.topk_index.shape
+        short.append(pa.table({
+            "query_id": np.repeat(qids, k),
+            "mode": np.full(q_n * k, mode, dtype=object),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), q_n),
+            "audio_id": ids[r.topk_index.reshape(-1)],
+            "score": r.topk_score.reshape(-1).astype(np.float32),
+        }))
+        ranks.append(pa.table({
+            "query_id": qids,
+            "mode": np.full(q_n, mode, dtype=object),
+            "gt_audio_id": np.array([q.audio_id for q in qs.queries], dtype=object),
+            "gt_rank": r.gt_rank.astype(np.int64),
+            "gt_score": r.gt_score.astype(np.float32),
+        }))
+        kk = min(cfg.search.retrieved_csv_k, k)
+        with open(run_dir / artifacts.retrieved_csv(mode), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["query"] + [f"retrieved_audio_{i + 1}" for i in range(kk)] + ["groundtruth_audio"])
+            for qi, q in enumerate(qs.queries):
+                w.writerow([q.text] + list(ids[r.topk_index[qi, :kk]]) + [q.audio_id])
+    artifacts.SHORTLIST.write(run_dir, pa.concat_tables(short))
+    artifacts.GT_RANKS.write(run_dir, pa.concat_tables(ranks))
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """`larcq-ray search`: embed the queries, score every indexed audio, write the shortlist."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    meta = run_search(cfg)
+    log.info("searched %d queries over %d audios (%s); shortlist: %s", meta["n_queries"], meta["n_audios"],
+             ", ".join(meta["modes"]), artifacts.SHORTLIST.path(cfg.run_dir))
+    return meta
