@@ -37,6 +37,7 @@ class Resources:
     gpus: Union[float, Literal["auto"]] = 0.0  # per task / actor; "auto": 1 where the cluster has GPUs
     memory_mb: int | None = None  # reserved per task / actor, so the scheduler packs by memory too
     actors: int | None = None  # None: stateless Ray tasks; n: a pool of n actors (the model loads once each)
+    tasks: int | None = None  # task stages: at most this many at once (None: as many as the cluster fits)
     torch_threads: int | None = None  # CPU actors; None: the cluster's CPUs shared among the actors
 
 
@@ -171,4 +172,6 @@ def map_stage(ds, stage: Stage, batch_size: int | None):
         runner = type(stage.name, (_ActorRunner,), {})
         return ds.map_batches(runner, compute=ray.data.ActorPoolStrategy(size=res.actors), num_gpus=res.gpus,
                               fn_constructor_kwargs=dict(stage=stage, torch_threads=res.torch_threads), **common)
+    if res.tasks:
+        common["compute"] = ray.data.TaskPoolStrategy(size=res.tasks)
     return ds.map_batches(_run_task, fn_kwargs=dict(stage=stage), num_gpus=res.gpus or None, **common)

@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 
 from larcq_ray.synthesize.query import build_query
 from larcq_ray import artifacts
+from larcq_ray.core.stage import map_stage
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.core.storage import Location, open_location
 from larcq_ray.synthesize.config import SynthesizeConfig
 from larcq_ray.synthesize.plan import LongAudioPlan, fingerprint, output_rate, plan_benchmark
-from larcq_ray.synthesize.render import render_batch
+from larcq_ray.synthesize.render import RenderStage
 from larcq_ray.synthesize.source import scan_source, skipped_counts
 
 log = logging.getLogger(__name__)
@@ -145,12 +146,11 @@ def run_synthesize(cfg: SynthesizeConfig, address: str | None = None, num_cpus: 
         log.info("resuming: %d of %d long audios are already written", summary.resumed, len(plans))
     seq = sum(1 for f in out.list_files(STATE_DIR) if f.rsplit("/", 1)[-1].startswith("done-"))
     if todo:
-        compute = ray.data.TaskPoolStrategy(size=cfg.num_workers) if cfg.num_workers else None
         # One block per long audio: each is its own task, spread over every worker.
-        ds = ray.data.from_items([{"plan": p.to_json()} for p in todo], override_num_blocks=len(todo)).map_batches(
-            render_batch, batch_size=1, compute=compute,
-            fn_kwargs={"audio_dir": cfg.audio_dir, "out_dir": cfg.out_dir, "rate": rate, "gap_s": cfg.gap_s,
-                       "crossfade_s": cfg.crossfade_s, "subtype": cfg.subtype})
+        stage = RenderStage(audio_dir=cfg.audio_dir, out_dir=cfg.out_dir, rate=rate, gap_s=cfg.gap_s,
+                            crossfade_s=cfg.crossfade_s, subtype=cfg.subtype, workers=cfg.num_workers or None)
+        ds = map_stage(ray.data.from_items([{"plan": p.to_json()} for p in todo], override_num_blocks=len(todo)),
+                       stage, 1)
         pending: list[dict] = []
         for row in ds.iter_rows():  # as blocks finish, in any order: rows carry their audio_id
             rec = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
 
+from larcq_ray.core.stage import Resources
 from larcq_ray.core.storage import Location, open_location
 from larcq_ray.synthesize.plan import LongAudioPlan
 
@@ -102,3 +104,33 @@ def render_batch(batch: dict, *, audio_dir: str, out_dir: str, rate: int, gap_s:
         result["gain"].append(gain)
         result["provenance"].append(json.dumps(rows))
     return {k: np.asarray(v) for k, v in result.items()}
+
+
+@dataclass
+class RenderStage:
+    """Ray Data task stage: one planned long audio per batch, rendered and written (`render_batch`)."""
+
+    audio_dir: str
+    out_dir: str
+    rate: int
+    gap_s: float
+    crossfade_s: float
+    subtype: str
+    workers: int | None = None  # at most this many renders at once
+    name: str = "render"
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1, tasks=self.workers)
+
+    def setup(self) -> None:
+        pass
+
+    def process_batch(self, batch: dict) -> dict:
+        return render_batch(batch, audio_dir=self.audio_dir, out_dir=self.out_dir, rate=self.rate, gap_s=self.gap_s,
+                            crossfade_s=self.crossfade_s, subtype=self.subtype)
+
+    def failed_batch(self, batch: dict, reason: str) -> dict:
+        ids = [LongAudioPlan.from_json(str(t)).audio_id for t in batch["plan"]]
+        n = len(ids)
+        return {"audio_id": np.asarray(ids), "status": np.asarray(["failed"] * n), "error": np.asarray([reason] * n),
+                "duration_s": np.zeros(n), "gain": np.ones(n), "provenance": np.asarray(["[]"] * n)}

@@ -17,6 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.stage import Resources, map_stage
 from larcq_ray.core.storage import open_location
 from larcq_ray.synthesize.config import SynthesizeConfig
 
@@ -112,6 +113,29 @@ def probe_clips(batch: dict, *, audio_dir: str) -> dict:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+@dataclass
+class ProbeClipsStage:
+    """Ray Data task stage: `probe_clips` over batches of the source table."""
+
+    audio_dir: str
+    name: str = "probe"
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1)
+
+    def setup(self) -> None:
+        pass
+
+    def process_batch(self, batch: dict) -> dict:
+        return probe_clips(batch, audio_dir=self.audio_dir)
+
+    def failed_batch(self, batch: dict, reason: str) -> dict:
+        n = len(batch["index"])
+        zeros = np.zeros(n, dtype=np.int64)
+        return {"index": np.asarray(batch["index"]), "sample_rate": zeros, "frames": zeros, "channels": zeros,
+                "error": np.asarray([reason] * n)}
+
+
 def scan_source(cfg: SynthesizeConfig) -> tuple[list[Clip], list[SkippedClip]]:
     """Usable clips in source-table order, and every skipped row with its reason (Ray Data probe)."""
     import ray.data
@@ -119,7 +143,7 @@ def scan_source(cfg: SynthesizeConfig) -> tuple[list[Clip], list[SkippedClip]]:
     rows, skipped = read_caption_table(cfg)
     if rows:
         ds = ray.data.from_items([{"index": r["index"], "file": r["file"]} for r in rows])
-        probed = ds.map_batches(probe_clips, batch_size=64, fn_kwargs={"audio_dir": cfg.audio_dir}).take_all()
+        probed = map_stage(ds, ProbeClipsStage(audio_dir=cfg.audio_dir), 64).take_all()
         by_index = {int(p["index"]): p for p in probed}
         if len(by_index) != len(rows):  # never silently: every row was sent, every row must come back
             raise LarcqError(f"probing the clips returned {len(by_index)} of {len(rows)} rows")
