@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("synthesize", "build a LARCQ benchmark (long audios + long queries) from a captioned clip dataset"),
         ("refine", "rewrite the benchmark's raw queries with an LLM (queries_condensed.csv / queries_rephrased.csv)"),
         ("train-clap", "contrastive CLAP training (full or --lora) on Ray Train (model_best/, train_summary.json)"),
+        ("train-captioner", "train a prefix-lm or drcap captioner on Ray Train (captioner_best/, "
+                            "train_captioner_summary.json)"),
         ("benchmark", "the full benchmark run: synthesize -> refine (if refine.mode) -> index -> search -> caption "
                       "-> rerank -> evaluate"),
     ]:

@@ -23,6 +23,7 @@ from larcq_ray.refine.config import RefineConfig
 from larcq_ray.rerank.config import RerankJobConfig, RerankServeConfig
 from larcq_ray.search.config import SearchConfig
 from larcq_ray.synthesize.config import SynthesizeConfig
+from larcq_ray.train.captioner_config import TrainCaptionerConfig
 from larcq_ray.train.config import TrainClapConfig
 
 
@@ -53,6 +54,7 @@ class PipelineConfig(_Strict):
     serve: RerankServeConfig = Field(default_factory=RerankServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainClapConfig = Field(default_factory=TrainClapConfig)
+    train_captioner: TrainCaptionerConfig = Field(default_factory=TrainCaptionerConfig)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -103,4 +105,4 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineC
 
 
 def dump_config(cfg: PipelineConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -89,12 +89,18 @@ def _train_clap(cfg: PipelineConfig):
     return job.run(cfg)
 
 
+def _train_captioner(cfg: PipelineConfig):
+    from larcq_ray.train import captioner_job
+
+    return captioner_job.run(cfg)
+
+
 COMMANDS = {**STAGE_RUNNERS, "run": run_stages, "benchmark": run_benchmark, "serve": _serve,
-            "train-clap": _train_clap}
+            "train-clap": _train_clap, "train-captioner": _train_captioner}
 # Commands whose artifacts go to run_dir: a remote run_dir (s3://...) is staged around them.
 RUN_DIR_COMMANDS = {"index", "search", "evaluate", "caption", "rerank", "run", "benchmark"}
 # Commands that keep finished work when interrupted (a re-run resumes).
-RESUMABLE_COMMANDS = {"index", "caption", "run", "synthesize", "benchmark", "train-clap", "refine"}
+RESUMABLE_COMMANDS = {"index", "caption", "run", "synthesize", "benchmark", "train-clap", "train-captioner", "refine"}
 
 
 def run_command(command: str, cfg: PipelineConfig) -> None:

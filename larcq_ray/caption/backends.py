@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from larcq_ray.caption.config import CaptionBackendConfig
+from larcq_ray.caption.config import BackendSpec, CaptionBackendConfig
 
 
 
@@ -23,9 +23,35 @@ class CaptionBackend(Protocol):
     def caption(self, waveforms: list[np.ndarray]) -> list[str]: ...
 
 
+def describe(cfg: CaptionBackendConfig) -> BackendSpec:
+    """Without loading weights: fails fast on a missing model, before Ray starts."""
+    if cfg.kind == "hf-audio-lm":
+        from larcq_ray.caption.hf_audio_lm import captioner_name, load_audio_spec
+
+        _, _, sample_rate, window_s = load_audio_spec(cfg)
+        return BackendSpec(captioner_name(cfg), sample_rate, window_s, cfg.prompt)
+    if cfg.kind == "prefix-lm":
+        from larcq_ray.caption.prefix_lm import describe_folder
+
+        return describe_folder(cfg)
+    if cfg.kind == "drcap":
+        from larcq_ray.caption.drcap import describe_folder
+
+        return describe_folder(cfg)
+    raise AssertionError(f"unknown caption backend kind {cfg.kind!r}")  # pydantic rejects it first
+
+
 def build_caption_backend(cfg: CaptionBackendConfig) -> CaptionBackend:
     if cfg.kind == "hf-audio-lm":
         from larcq_ray.caption.hf_audio_lm import HfAudioLmBackend
 
         return HfAudioLmBackend(cfg)
+    if cfg.kind == "prefix-lm":
+        from larcq_ray.caption.prefix_lm import PrefixLmBackend
+
+        return PrefixLmBackend(cfg)
+    if cfg.kind == "drcap":
+        from larcq_ray.caption.drcap import DrcapBackend
+
+        return DrcapBackend(cfg)
     raise AssertionError(f"unknown caption backend kind {cfg.kind!r}")  # pydantic rejects it first

@@ -31,7 +31,9 @@ CAPTIONS = artifacts.CAPTIONS
 def caption_settings(cfg: CaptionBackendConfig, window_s: float) -> str:
     """Every setting that changes a caption, as canonical JSON (stored with each caption row)."""
     keep = ("kind", "model", "adapter", "prompt", "max_new_tokens", "do_sample", "num_beams", "dtype")
-    return json.dumps({**{k: getattr(cfg, k) for k in keep}, "window_s": window_s}, sort_keys=True)
+    refine = cfg.clap_refine.model_dump() if cfg.clap_refine is not None else None
+    return json.dumps({**{k: getattr(cfg, k) for k in keep}, "window_s": window_s, "clap_refine": refine},
+                      sort_keys=True)
 
 
 def _parts_dir(out_path: Path) -> Path:
@@ -86,7 +88,7 @@ def run_caption(audio_refs: list[AudioRef], cfg: CaptionBackendConfig, out_path:
                 silence_threshold_db: float = -80.0, commit_every_files: int = 50, address: str | None = None,
                 torch_threads: int | None = None, show_progress: bool = False) -> FileJobSummary:
     """Caption every window of each unique audio once; write/extend `out_path` (captions.parquet)."""
-    from larcq_ray.caption.hf_audio_lm import captioner_name, load_audio_spec
+    from larcq_ray.caption.backends import describe
     from larcq_ray.core.ray_session import ensure_ray
     from larcq_ray.core.stage import map_stage
 
@@ -96,8 +98,8 @@ def run_caption(audio_refs: list[AudioRef], cfg: CaptionBackendConfig, out_path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if cfg.adapter and not Path(cfg.adapter).is_dir():
         raise LarcqError(f"caption.adapter {cfg.adapter!r} is not a folder (expected a peft LoRA adapter)")
-    captioner = captioner_name(cfg)
-    _, _, sample_rate, window_s = load_audio_spec(cfg)  # fail fast on a missing model, before Ray starts
+    spec = describe(cfg)  # fail fast on a missing model, before Ray starts
+    captioner, sample_rate, window_s = spec.name, spec.sample_rate, spec.window_s
     settings = caption_settings(cfg, window_s)
 
     refs = list({r.audio_id: r for r in reversed(audio_refs)}.values())[::-1]  # dedupe, first one wins
@@ -120,7 +122,7 @@ def run_caption(audio_refs: list[AudioRef], cfg: CaptionBackendConfig, out_path:
     ds = map_stage(file_dataset(todo, files_per_decode_task), decode, files_per_decode_task)
     ds = map_stage(ds, model, cfg.batch_size)
 
-    base = {"captioner": captioner, "prompt": cfg.prompt, "settings": settings}
+    base = {"captioner": captioner, "prompt": spec.prompt, "settings": settings}
     parts = _parts_dir(out_path)
     n_parts = len(list(parts.glob("part-*.parquet")))
 

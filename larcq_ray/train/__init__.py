@@ -1,6 +1,9 @@
-"""Train: contrastive CLAP training (full or LoRA) on Ray Train.
+"""Train: contrastive CLAP training (`train-clap`, full or LoRA) and captioner training
+(`train-captioner`: prefix-lm or drcap), both on Ray Train.
 
-Reads: a Clotho-layout clip dataset or a LARCQ provenance.parquet. Writes (train.run_dir):
-checkpoints (safetensors + JSON), model_best/, adapter_best/, train_summary.json. Modules: config,
-data (pairs and features), loss, loop (the per-worker loop), job.
+Reads: a Clotho-layout clip dataset, a LARCQ provenance.parquet, or (captioners) the SLAM-AAC /
+DRCap jsonl formats. Writes (run_dir): checkpoints (safetensors + JSON), model_best/ and
+adapter_best/ (CLAP), captioner_best/ (a captioner folder the caption job loads), and a summary
+JSON. Modules: config, data, loss, loop, job (CLAP); captioner_config, captioner_data,
+captioner_loop, captioner_job (captioners).
 """
