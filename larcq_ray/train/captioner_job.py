@@ -18,18 +18,12 @@ from larcq_ray.train.captioner_data import (encoder_input_dataset, read_inputs, 
                                             window_dataset)
 from larcq_ray.train.captioner_loop import BEST_DIR, PROGRESS_FILE, captioner_loop_per_worker
 from larcq_ray.train.data import write_skipped
+from larcq_ray.train.job import local_run_dir
 
 log = logging.getLogger(__name__)
 
 SKIPPED_FILE = "train_captioner_skipped.csv"
 SUMMARY_FILE = "train_captioner_summary.json"
-
-
-def _local_run_dir(run_dir: str) -> Path:
-    if "://" in run_dir and not run_dir.startswith("file://"):
-        raise LarcqError(f"train-captioner needs a local or shared-filesystem run_dir (the workers write "
-                         f"captioner_best/ there), not {run_dir!r}; train locally and copy the folder")
-    return Path(run_dir.removeprefix("file://")).resolve()
 
 
 def _abs_if_inside(name: str | None, folder: Path) -> str | None:
@@ -106,7 +100,7 @@ def run_train_captioner(cfg) -> dict:
         raise LarcqError("train-captioner needs train_captioner.data (captions_csv + audio_dir, provenance or jsonl) "
                          "and train_captioner.model (a fresh captioner) or train_captioner.from (a captioner folder)")
     t0 = time.time()
-    run_dir = _local_run_dir(cfg.run_dir)
+    run_dir = local_run_dir(cfg.run_dir, "train-captioner", "captioner_best/")
     run_dir.mkdir(parents=True, exist_ok=True)
     model, init_folder = model_config(tc)
     kind = tc.kind

@@ -20,9 +20,10 @@ from larcq_ray.train.loop import PROGRESS_FILE, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
-def _local_run_dir(run_dir: str) -> Path:
+def local_run_dir(run_dir: str, command: str = "train-clap", writes: str = "model_best/") -> Path:
+    """Training run_dirs must be local or shared: every worker writes into them."""
     if "://" in run_dir and not run_dir.startswith("file://"):
-        raise LarcqError(f"train-clap needs a local or shared-filesystem run_dir (all workers write model_best/ "
+        raise LarcqError(f"{command} needs a local or shared-filesystem run_dir (all workers write {writes} "
                          f"there), not {run_dir!r}; train locally and copy the folder")
     return Path(run_dir.removeprefix("file://")).resolve()
 
@@ -77,7 +78,7 @@ def run_train_clap(cfg) -> dict:
         raise LarcqError("train-clap needs train.data (captions_csv + audio_dir, or provenance) and train.init "
                          "(from: a model, or config: sizes of a fresh one) in the config")
     t0 = time.time()
-    run_dir = _local_run_dir(cfg.run_dir)
+    run_dir = local_run_dir(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     train, val = read_pairs(tc)
     base = base_model(tc, run_dir, [t for c in train.clips for t in c.captions])
