@@ -1,7 +1,7 @@
 """Every artifact a stage leaves in the run directory: where it lives, its Arrow schema, and the one
 typed reader and writer all stages use. Data flows one way:
 
-    index/ -> queries.parquet, shortlist.parquet, gt_ranks.parquet -> captions.parquet
+    index/ -> queries.parquet, shortlist.parquet, results.parquet (+ gt_ranks.parquet) -> captions.parquet
            -> reranked.parquet -> metrics.json, report.md
 
 Writers check the schema and write atomically (a temp file, then a rename), so a crash never leaves
@@ -168,6 +168,25 @@ GT_RANKS = TableArtifact("ground-truth ranks", "gt_ranks.parquet", pa.schema([
     ("gt_score", pa.float32()),
 ]), "search")
 SEARCH_META = JsonArtifact("search summary", "search_meta.json", "search")
+# The answer to each query, with or without ground truth: its top search.results_k audios per mode
+# and, for modes that score audio chunks (audio-max*, audio-sum*), the best-matching window of each
+# audio for each query chunk (one row per query chunk; chunk -1 is the whole query, for audio-max /
+# audio-sum). Modes that score whole files (none, query-*) have one row per audio, window columns null.
+RESULTS = TableArtifact("search results", "results.parquet", pa.schema([
+    ("query_id", pa.int32()),  # row number, as in shortlist.parquet
+    ("query_name", pa.string()),  # the CSV's query_id cell, else the row number
+    ("query", pa.string()),
+    ("mode", pa.string()),
+    ("rank", pa.int32()),
+    ("audio_id", pa.string()),
+    ("score", pa.float32()),  # the mode's score of the audio
+    ("query_chunk", pa.int32()),  # -1: the whole query; null: the mode has no windows
+    ("query_chunk_text", pa.string()),
+    ("start_s", pa.float64()),  # the audio window (index chunk) most similar to the query chunk
+    ("end_s", pa.float64()),
+    ("window_score", pa.float32()),  # that window's similarity to the query chunk
+]), "search")
+RESULTS_MD = "results.md"  # the same answers, readable: the top audios of search.results_mode per query
 
 
 def retrieved_csv(mode: str) -> str:
@@ -207,6 +226,19 @@ RERANK_META = JsonArtifact("re-rank summary", "rerank_meta.json", "rerank")
 METRICS = JsonArtifact("metrics", "metrics.json", "evaluate")
 REPORT = "report.md"
 RECALL_PLOT = "recall_at_k.png"
+
+# -- eval-alm (in its --out folder: a captioner judged on a seed-004 test list) -------------------
+ALM_SUBMISSION = "submission.csv"  # testset_id,text (evaluate/alm_submission.py writes and checks it)
+ALM_PREDICTIONS = TableArtifact("ALM predictions", "predictions.parquet", pa.schema([
+    ("id", pa.string()),  # the testset_id ("#<index>" for an entry without one)
+    ("path", pa.string()),
+    ("task", pa.string()),  # as the test list says
+    ("prediction", pa.string()),  # "" when the item failed
+    ("reference", pa.string()),  # null for blind sets
+    ("status", pa.string()),  # ok | failed
+    ("error", pa.string()),
+]), "eval-alm")
+ALM_EVAL = JsonArtifact("ALM evaluation", "eval.json", "eval-alm")
 
 # -- a benchmark folder (synthesize writes it; index, search and train-clap read it) -----------
 BENCHMARK_QUERIES = "queries.csv"  # audio_id, query, split_1 ... split_N

@@ -41,11 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("caption", "caption every window of the shortlisted audios with an audio-language model (captions.parquet)"),
         ("rerank", "re-rank the shortlist from its captions through the /rerank service (reranked.parquet)"),
         ("serve", "run the /rerank Ray Serve application until stopped"),
+        ("serve-search", "run the /search Ray Serve application over run_dir/index until stopped (search.serve)"),
         ("synthesize", "build a LARCQ benchmark (long audios + long queries) from a captioned clip dataset"),
         ("refine", "rewrite the benchmark's raw queries with an LLM (queries_condensed.csv / queries_rephrased.csv)"),
         ("train-clap", "contrastive CLAP training (full or --lora) on Ray Train (model_best/, train_summary.json)"),
         ("train-captioner", "train a prefix-lm or drcap captioner on Ray Train (captioner_best/, "
                             "train_captioner_summary.json)"),
+        ("eval-alm", "judge caption.backend on a seed-004 test list (ASR or captioning): submission.csv, "
+                     "predictions.parquet, eval.json with WER/CER or caption metrics and TTFT/TPOT/peak memory"),
         ("benchmark", "the full benchmark run: synthesize -> refine (if refine.mode) -> index -> search -> caption "
                       "-> rerank -> evaluate"),
     ]:
@@ -55,9 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mode", choices=["condense", "rephrase"], help="overrides refine.mode")
         if name == "train-clap":
             p.add_argument("--lora", action="store_true", help="train LoRA adapters only (sets train.lora.enabled)")
+        if name == "eval-alm":
+            p.add_argument("--test-list", help='the JSON test list: {"annotation": [{testset_id, path, task, test?}]}')
+            p.add_argument("--task", choices=["asr", "aac"], help="asr, or aac (the list's audiocaption_v2 entries)")
+            p.add_argument("--out", help="folder for submission.csv, predictions.parquet and eval.json")
+        if name == "search":
+            p.add_argument("--query", action="append", default=[], metavar="TEXT",
+                           help="search your own query (repeatable); replaces the config's queries. Answers go "
+                                "to results.parquet and results.md in run_dir; nothing is evaluated")
+            p.add_argument("--queries-csv", help="a CSV of queries: a `query` column, optional query_id, split_i "
+                                                 "and audio_id (ground truth) columns (sets data.queries_csv)")
         if name == "caption":
             p.add_argument("--audio-ids", help="caption the ids listed in this file (.txt one per line, .csv or "
                                                ".parquet with an audio_id column) instead of the shortlist")
+    val = sub.add_parser("validate-submission", help="check a submission.csv against its test list: every "
+                         "testset_id once, no unknown id, no empty text, the right header (exit 1 on problems)")
+    val.add_argument("submission", help="the submission.csv")
+    val.add_argument("test_list", help="the JSON test list it answers")
+    val.add_argument("--task", choices=["asr", "aac"], help="the task (default: inferred from the submission's ids)")
     demo = sub.add_parser("demo", help="offline demo: sound-world benchmark + the trained demo CLAP + the whole pipeline")
     demo.add_argument("--out", required=True, help="folder for the benchmark, model and run")
     demo.add_argument("--audios", type=int, default=16, help="number of long audios")
@@ -78,6 +96,13 @@ def _config(args):
         overrides.append(f"refine.mode={args.mode}")
     if getattr(args, "lora", False):
         overrides.append("train.lora.enabled=true")
+    for key, attr in (("test_list", "test_list"), ("task", "task"), ("out_dir", "out")):
+        if args.command == "eval-alm" and getattr(args, attr, None):
+            overrides.append(f"eval_alm.{key}={json.dumps(getattr(args, attr))}")  # quoted: stays a string
+    if getattr(args, "query", None):
+        overrides.append(f"data.queries={json.dumps(list(args.query))}")  # a JSON list is a YAML list
+    if getattr(args, "queries_csv", None):
+        overrides.append(f"data.queries_csv={json.dumps(args.queries_csv)}")
     if getattr(args, "audio_ids", None):
         overrides.append(f"caption.audio_ids={json.dumps(args.audio_ids)}")  # quoted: stays a string
     return load_config(args.config, overrides)
@@ -88,6 +113,20 @@ def cmd_demo(args) -> None:
     from larcq_ray.offline.demo import run_demo
 
     run_demo(Path(args.out), n_audios=args.audios, seed=args.seed, address=args.address)
+
+
+def cmd_validate_submission(args) -> int:
+    """One line per problem on stdout; 1 when there is any, 0 when the submission is valid."""
+    from larcq_ray.evaluate.alm_submission import validate_submission
+
+    problems, task = validate_submission(args.submission, args.test_list, args.task)
+    for p in problems:
+        print(f"{args.submission}: {p}")
+    if problems:
+        print(f"{args.submission}: {len(problems)} problem(s) (task {task}, test list {args.test_list})")
+        return 1
+    print(f"{args.submission}: valid for task {task} (test list {args.test_list})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             cmd_demo(args)
+        elif args.command == "validate-submission":
+            return cmd_validate_submission(args)
         else:
             from larcq_ray.pipeline import run_command
 

@@ -17,6 +17,7 @@ from larcq_ray.caption.config import CaptionStageConfig
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.core.inputs import DataConfig
 from larcq_ray.core.ray_session import RayConfig
+from larcq_ray.evaluate.alm_config import EvalAlmConfig
 from larcq_ray.index.config import IndexConfig
 from larcq_ray.models.config import ModelConfig
 from larcq_ray.refine.config import RefineConfig
@@ -55,6 +56,7 @@ class PipelineConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainClapConfig = Field(default_factory=TrainClapConfig)
     train_captioner: TrainCaptionerConfig = Field(default_factory=TrainCaptionerConfig)
+    eval_alm: EvalAlmConfig = Field(default_factory=EvalAlmConfig)  # `larcq-ray eval-alm` (with caption.backend)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -7,9 +7,13 @@ scratch folder, the stages work there, and what changed is uploaded, also when a
 
 from __future__ import annotations
 
+import logging
+
 from larcq_ray import artifacts
 from larcq_ray.config import ALL_STAGES, PipelineConfig, dump_config
 from larcq_ray.core.errors import LarcqError
+
+log = logging.getLogger(__name__)
 
 
 def _synthesize(cfg: PipelineConfig):
@@ -51,6 +55,12 @@ def _rerank(cfg: PipelineConfig):
 def _evaluate(cfg: PipelineConfig):
     from larcq_ray.evaluate import job
 
+    if artifacts.SEARCH_META.exists(cfg.run_dir) and artifacts.SEARCH_META.read(cfg.run_dir).get(
+            "has_ground_truth") is False:
+        # A user's own queries: nothing to measure; the answers are in results.md.
+        log.warning("evaluate: skipped, the queries searched in %s have no ground truth (audio_id); "
+                    "their answers are in %s", cfg.run_dir, artifacts.RESULTS_MD)
+        return None
     return job.run(cfg)
 
 
@@ -83,6 +93,12 @@ def _serve(cfg: PipelineConfig) -> None:
     serve_until_stopped(cfg)
 
 
+def _serve_search(cfg: PipelineConfig) -> None:
+    from larcq_ray.search.app import serve_until_stopped
+
+    serve_until_stopped(cfg)
+
+
 def _train_clap(cfg: PipelineConfig):
     from larcq_ray.train import job
 
@@ -95,8 +111,15 @@ def _train_captioner(cfg: PipelineConfig):
     return captioner_job.run(cfg)
 
 
+def _eval_alm(cfg: PipelineConfig):
+    from larcq_ray.evaluate import alm_job
+
+    return alm_job.run(cfg)
+
+
 COMMANDS = {**STAGE_RUNNERS, "run": run_stages, "benchmark": run_benchmark, "serve": _serve,
-            "train-clap": _train_clap, "train-captioner": _train_captioner}
+            "serve-search": _serve_search, "train-clap": _train_clap, "train-captioner": _train_captioner,
+            "eval-alm": _eval_alm}
 # Commands whose artifacts go to run_dir: a remote run_dir (s3://...) is staged around them.
 RUN_DIR_COMMANDS = {"index", "search", "evaluate", "caption", "rerank", "run", "benchmark"}
 # Commands that keep finished work when interrupted (a re-run resumes).

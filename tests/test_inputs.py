@@ -32,7 +32,7 @@ def test_split_columns_sorted_numerically_and_bom_tolerated(tmp_path):
 
 @pytest.mark.parametrize("text,match", [
     ("", "empty"),
-    ("query,split_1\nq,s\n", "lacks column"),
+    ("audio_id,split_1\na.wav,s\n", "lacks column"),  # no `query` column (audio_id is optional)
     ("audio_id,query\n", "no queries"),
     ("audio_id,query\na.wav,\n", "empty query"),
     ("audio_id,query\na.wav,q,extra\n", "cells but the header"),

@@ -1,4 +1,4 @@
-"""The wheel that cluster images `pip install` holds every package and the demo CLAP's weights.
+"""The wheel that cluster images `pip install` holds every package and the demo models' weights (CLAP, captioner).
 
 `make test` installs the project in editable mode, which reads the source tree directly and so
 hides a package left out by `packages.find` or a package-data glob that matches nothing. This
@@ -21,8 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_ROOTS = ("larcq_ray", "jobs")
-WEIGHTS_DIR = "larcq_ray/offline/demo_clap_weights"
-WEIGHTS_GLOBS = ("*.json", "*.safetensors")
+# the demo CLAP's and the demo captioner's weight files (every file of those folders)
+WEIGHTS_DIRS = ("larcq_ray/offline/demo_clap_weights", "larcq_ray/offline/demo_captioner_weights")
 # Build outputs, caches and environments: never part of a source checkout.
 _NOT_SOURCE = shutil.ignore_patterns(
     ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
@@ -31,7 +31,7 @@ _NOT_SOURCE = shutil.ignore_patterns(
 
 
 def expected_entries(root: Path) -> dict[str, list[str]]:
-    """What the wheel must hold, by reason: package modules and the demo CLAP's weight files."""
+    """What the wheel must hold, by reason: package modules and the demo models' weight files."""
     modules = []
     for top in PACKAGE_ROOTS:
         for init in sorted((root / top).rglob("__init__.py")):
@@ -40,7 +40,8 @@ def expected_entries(root: Path) -> dict[str, list[str]]:
                 continue
             modules += [p.relative_to(root).as_posix() for p in sorted(pkg.glob("*.py"))]
     weights = sorted(
-        p.relative_to(root).as_posix() for pattern in WEIGHTS_GLOBS for p in (root / WEIGHTS_DIR).glob(pattern)
+        p.relative_to(root).as_posix() for d in WEIGHTS_DIRS for p in (root / d).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
     )
     return {"modules": modules, "weights": weights}
 
@@ -73,8 +74,9 @@ def check_wheel(src: Path, tmp: Path) -> None:
     # Guard against a vacuous pass: the source tree itself must have what is checked for.
     for top in PACKAGE_ROOTS:
         assert f"{top}/__init__.py" in expected["modules"], f"{src / top} is not a package"
-    for pattern in WEIGHTS_GLOBS:
-        assert list((src / WEIGHTS_DIR).glob(pattern)), f"no {pattern} in {src / WEIGHTS_DIR}"
+    for d in WEIGHTS_DIRS:
+        for pattern in ("*.json", "*.safetensors"):
+            assert list((src / d).glob(pattern)), f"no {pattern} in {src / d}"
 
     wheel = build_wheel(src, tmp / "wheelhouse")
     missing = missing_from_wheel(wheel, expected)
@@ -91,7 +93,7 @@ def check_wheel(src: Path, tmp: Path) -> None:
                 lines.append(f"  modules of packages that are in the wheel ({len(partial)}):")
                 lines += [f"    {m}" for m in partial]
         if missing["weights"]:
-            lines.append(f"  demo CLAP weights ({len(missing['weights'])}):")
+            lines.append(f"  demo model weights ({len(missing['weights'])}):")
             lines += [f"    {w}" for w in missing["weights"]]
         pytest.fail("\n".join(lines), pytrace=False)
 

@@ -112,7 +112,8 @@ def test_two_workers_nan_stop_then_resume_to_completion(ray_session, tmp_path, m
     assert at4["val_metrics_items"] == 2 and {"val_BLEU_4", "val_ROUGE_L", "val_CIDEr_D"} <= set(at4)
 
     s2 = run_train_captioner(cfg.model_copy(update={"train_captioner": cfg.train_captioner.model_copy(
-        update={"max_steps": 6, "debug_nan_at_step": None})}))
+        # the resumed run runs the encoder at every step (run 1 trained on its cached frames)
+        update={"max_steps": 6, "debug_nan_at_step": None, "cache_encoder_frames": False})}))
     assert s2["status"] == "ok" and s2["resumed_from_step"] == 4 and s2["steps"] == 6
     assert [h["step"] for h in s2["val_history"]][0] == 0 and s2["val_history"][-1]["step"] == 6
     assert json.loads((run / "train_captioner_summary.json").read_text())["steps"] == 6
@@ -126,6 +127,37 @@ def test_two_workers_nan_stop_then_resume_to_completion(ray_session, tmp_path, m
     assert lm.cfg.trained["step"] == s2["best"]["step"]
     x = sf.read(data.parent / "audio" / f"{KINDS[0]}.wav", dtype="float32")[0]
     assert len(lm.generate(lm.featurize([x]), max_new_tokens=4)) == 1
+
+
+def test_cached_frames_give_the_same_prefix_and_lr_schedule(models):
+    """EncoderFramesStage's frames (what training reads when the encoder is frozen) give the very
+    prefix the encoder gives at caption time; the cosine schedule warms up, then decays to 0."""
+    import numpy as np
+    import torch
+
+    from larcq_ray.caption.prefix_lm import FRAMES_INPUT, PrefixLm, PrefixLmConfig
+    from larcq_ray.train.captioner_data import FEATURE_PREFIX, EncoderFramesStage
+    from larcq_ray.train.captioner_loop import lr_at
+
+    clap, lm_dir = models
+    lm = PrefixLm(PrefixLmConfig.model_validate({"encoder": {"name_or_path": str(clap)}, "connector": {"k": 4},
+                                                 "decoder": {"name_or_path": str(lm_dir)}}), local_files_only=True)
+    rng = np.random.default_rng(0)
+    feats = lm.featurize([rng.standard_normal(lm.sample_rate * n).astype(np.float32) * 0.1 for n in (1, 3)])
+    stage = EncoderFramesStage(encoder=str(clap), local_files_only=True, device="cpu")
+    stage.setup()
+    out = stage.process_batch({"clip_id": np.array(["a", "b"]), "captions": np.array(["[]", "[]"]),
+                               **{FEATURE_PREFIX + k: v for k, v in feats.items()}})
+    assert list(out["status"]) == ["ok", "ok"]
+    with torch.no_grad():
+        direct = lm.prefix(feats)
+        cached = lm.prefix({FRAMES_INPUT: out[FEATURE_PREFIX + FRAMES_INPUT]})
+    assert torch.allclose(direct, cached, atol=1e-5)
+
+    c = {"lr": 1.0, "warmup_steps": 10, "lr_schedule": "cosine", "total_steps": 110}
+    assert lr_at(c, 5) == 0.5 and lr_at(c, 10) == 1.0
+    assert abs(lr_at(c, 60) - 0.5) < 1e-9 and lr_at(c, 110) < 1e-9
+    assert lr_at({**c, "lr_schedule": "constant"}, 100) == 1.0
 
 
 def test_seed_jsonl_readers(tmp_path):

@@ -105,6 +105,9 @@ def build_encoder_module(name_or_path: str, kind: str, local_files_only: bool = 
     """The torch module that maps featurize()'s arrays to hidden states."""
     from transformers import ASTModel, AutoModel, ClapModel, WhisperModel
 
+    from larcq_ray.core.ray_session import quiet_weight_loading
+
+    quiet_weight_loading()  # runs in Ray actors: no "Loading weights" bar per actor on the driver's console
     kw = dict(local_files_only=local_files_only)
     if kind == "clap":
         return _load("model", name_or_path, lambda: ClapModel.from_pretrained(name_or_path, **kw).audio_model)

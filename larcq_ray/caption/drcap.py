@@ -474,15 +474,12 @@ class DrcapBackend:
     one candidate per beam size and the CLAP-Refine pick."""
 
     def __init__(self, cfg: CaptionBackendConfig):
-        from larcq_ray.core.devices import resolve_device
+        from larcq_ray.core.devices import resolve_device, resolve_dtype
 
         self.cfg = cfg
         folder = _check_backend_cfg(cfg)
         device = resolve_device(cfg.device, "caption.backend.device")
-        if cfg.dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
-        else:
-            dtype = cfg.dtype
+        dtype = resolve_dtype(cfg.dtype, device)
         self.model = DrCap.load(folder, device=device, dtype=dtype, local_files_only=cfg.local_files_only)
         self.name = str(cfg.model)
         self.prompt = self.model.cfg.prompt

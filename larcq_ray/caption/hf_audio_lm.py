@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from larcq_ray.caption.config import CaptionBackendConfig
-from larcq_ray.core.devices import resolve_device
+from larcq_ray.core.devices import resolve_device, resolve_dtype
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.core.ray_session import quiet_weight_loading
 
@@ -95,10 +95,7 @@ class HfAudioLmBackend:
         self._text_first = config.model_type in _TEXT_FIRST
 
         self.device = torch.device(resolve_device(cfg.device, "caption.backend.device"))
-        if cfg.dtype == "auto":
-            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        else:
-            self.dtype = getattr(torch, cfg.dtype)
+        self.dtype = getattr(torch, resolve_dtype(cfg.dtype, self.device.type))
         cls = _model_class(config)
         quiet_weight_loading()  # a Ray actor: its "Loading weights" bar would reach the driver's console
         try:

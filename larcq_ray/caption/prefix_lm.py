@@ -35,6 +35,9 @@ from larcq_ray.core.errors import LarcqError
 CONFIG_FILE = "captioner.json"
 CONNECTOR_FILE = "connector.safetensors"
 ENCODER_FILE = "encoder.safetensors"
+# An input key holding precomputed encoder frames (B, T, D): a frozen encoder's output, which
+# train-captioner computes once per clip instead of at every step (cache_encoder_frames).
+FRAMES_INPUT = "encoder_frames"
 
 
 class EncoderSpec(pydantic.BaseModel):
@@ -137,7 +140,8 @@ class PrefixLm:
 
         out = {}
         for k, v in arrays.items():
-            t = torch.as_tensor(np.asarray(v)).to(self.device)
+            a = np.asarray(v)
+            t = torch.as_tensor(a if a.flags.writeable else a.copy()).to(self.device)  # Ray Data's are read-only
             out[k] = t.to(self.dtype) if t.is_floating_point() else t
         return out
 
@@ -151,6 +155,8 @@ class PrefixLm:
         from larcq_ray.caption.audio_encoders import frames
 
         m = self.module
+        if FRAMES_INPUT in features:
+            return m.connector(self._tensors({FRAMES_INPUT: features[FRAMES_INPUT]})[FRAMES_INPUT])
         return m.connector(frames(m.encoder, self.kind, self._tensors(features)))
 
     def set_train(self, on: bool) -> None:
@@ -259,13 +265,13 @@ class PrefixLmBackend:
     one candidate per beam size and the CLAP-Refine pick. Built once per caption actor."""
 
     def __init__(self, cfg: CaptionBackendConfig):
-        from larcq_ray.core.devices import resolve_device
+        from larcq_ray.core.devices import resolve_device, resolve_dtype
 
         spec = describe_folder(cfg)
         self.cfg = cfg
         self.name, self.sample_rate, self.window_s, self.prompt = spec.name, spec.sample_rate, spec.window_s, spec.prompt
         device = resolve_device(cfg.device, "caption.backend.device")
-        dtype = ("bfloat16" if device == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
+        dtype = resolve_dtype(cfg.dtype, device)
         self.model = PrefixLm.load(cfg.model, device=device, dtype=dtype, local_files_only=cfg.local_files_only)
         self.refiner = None
         if cfg.clap_refine is not None:

@@ -26,8 +26,11 @@ class DataConfig(BaseModel):
     benchmark: Optional[str] = None
     # A corpus without queries: a folder, a text file listing paths (one per line), or a glob.
     corpus: Optional[str] = None
-    # Overrides <benchmark>/queries.csv.
+    # Overrides <benchmark>/queries.csv. Its `audio_id` column (ground truth) is optional: without it
+    # search answers the queries (results.parquet, results.md) and nothing is evaluated.
     queries_csv: Optional[str] = None
+    # Free-text queries (`larcq-ray search --query ...`): when set, searched instead of any CSV.
+    queries: list[str] = Field(default_factory=list)
     extensions: list[str] = Field(default_factory=lambda: ["wav", "flac", "ogg", "mp3"])
 
 
@@ -40,9 +43,14 @@ class AudioRef:
 @dataclass(frozen=True)
 class Query:
     query_id: int  # row number in queries.csv (0-based, header excluded): stable ground-truth alignment
-    audio_id: str  # ground truth
+    audio_id: Optional[str]  # ground truth; None for a query without one (a user's own search)
     text: str
     splits: tuple[str, ...]  # non-empty split_i cells, in column order
+    name: str = ""  # the CSV's query_id cell when it has that column, else the row number
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", str(self.query_id))
 
 
 def safe_audio_id(raw: str, where: str) -> str:
@@ -132,17 +140,37 @@ def queries_csv_path(data: DataConfig) -> Path:
         return Path(data.queries_csv)
     if data.benchmark:
         return Path(data.benchmark) / "queries.csv"
-    raise LarcqError("config data: searching needs queries: set data.benchmark or data.queries_csv")
+    raise LarcqError("config data: searching needs queries: set data.benchmark or data.queries_csv "
+                     "(a CSV with a `query` column), or give `larcq-ray search --query \"...\"`")
 
 
 _SPLIT_COL = re.compile(r"^split_(\d+)$")
 
 
+def queries_from_texts(texts: list[str], where: str = "data.queries") -> list[Query]:
+    """Free-text queries (no ground truth, no split cells), ids 0..n-1 in the given order."""
+    out = []
+    for i, t in enumerate(texts):
+        t = " ".join(str(t).split())
+        if not t:
+            raise LarcqError(f"{where}: query {i + 1} is empty")
+        out.append(Query(i, None, t, ()))
+    if not out:
+        raise LarcqError(f"{where}: no queries")
+    return out
+
+
+def has_ground_truth(queries: list[Query]) -> bool:
+    return any(q.audio_id is not None for q in queries)
+
+
 def read_queries(path: str | Path) -> list[Query]:
-    """Parse queries.csv (`audio_id, query, split_1 ... split_N`).
+    """Parse queries.csv (`audio_id, query, split_1 ... split_N`, optionally `query_id`).
 
     Rows may have fewer split cells than the header (ragged) or empty ones; both are skipped,
-    never shifted. Rows are never dropped: a query's id is its row number.
+    never shifted. Rows are never dropped: a query's id is its row number. Without an `audio_id`
+    column the queries have no ground truth (a user's own search); with one, every row needs it.
+    A `query_id` column names the queries (unique) in search results.
     """
     path = Path(path)
     if not path.is_file():
@@ -155,13 +183,23 @@ def read_queries(path: str | Path) -> list[Query]:
     if not rows:
         raise LarcqError(f"{path} is empty: expected a header `audio_id,query,split_1,...`")
     header = [h.strip() for h in rows[0]]
-    missing = [c for c in ("audio_id", "query") if c not in header]
-    if missing:
-        raise LarcqError(f"{path}: header lacks column(s) {missing}; found {header}")
+    if "query" not in header:
+        raise LarcqError(f"{path}: header lacks column(s) ['query']; found {header} "
+                         "(a benchmark needs `audio_id,query,split_1,...`; your own queries need `query`)")
     dupes = sorted({h for h in header if header.count(h) > 1 and h})
     if dupes:
         raise LarcqError(f"{path}: duplicate column(s) {dupes} in the header")
-    i_aid, i_q = header.index("audio_id"), header.index("query")
+    if "audio_id" not in header:
+        # Queries without ground truth have only these columns; anything else (e.g. `audio`) is more
+        # likely a benchmark whose ground-truth column is misnamed than extra data to ignore.
+        other = [h for h in header if h not in ("query", "query_id") and not _SPLIT_COL.match(h)]
+        if other:
+            raise LarcqError(f"{path}: header lacks column(s) ['audio_id']; found {header} (queries without "
+                             "ground truth may have only query, query_id and split_N columns)")
+    i_aid = header.index("audio_id") if "audio_id" in header else None
+    i_q = header.index("query")
+    i_name = header.index("query_id") if "query_id" in header else None
+    names: dict[str, int] = {}
     split_cols = sorted(
         ((int(m.group(1)), i) for i, h in enumerate(header) if (m := _SPLIT_COL.match(h))), key=lambda t: t[0]
     )
@@ -173,19 +211,27 @@ def read_queries(path: str | Path) -> list[Query]:
         if len(row) > len(header):
             raise LarcqError(f"{path}:{line}: {len(row)} cells but the header has {len(header)} columns")
         cell = lambda i: row[i].strip() if i < len(row) else ""  # noqa: E731
-        aid = safe_audio_id(cell(i_aid), f"{path}:{line}")
+        aid = safe_audio_id(cell(i_aid), f"{path}:{line}") if i_aid is not None else None
         q = cell(i_q)
         if not q:
-            raise LarcqError(f"{path}:{line}: empty query for audio {aid!r}")
+            raise LarcqError(f"{path}:{line}: empty query" + (f" for audio {aid!r}" if aid else ""))
         splits = tuple(cell(i) for _, i in split_cols if cell(i))
-        queries.append(Query(len(queries), aid, q, splits))
+        name = ""
+        if i_name is not None:
+            name = cell(i_name)
+            if not name:
+                raise LarcqError(f"{path}:{line}: empty query_id")
+            if name in names:
+                raise LarcqError(f"{path}:{line}: query_id {name!r} already names the query on line {names[name]}")
+            names[name] = line
+        queries.append(Query(len(queries), aid, q, splits, name))
     if not queries:
         raise LarcqError(f"{path} has a header but no queries")
     return queries
 
 
 def check_queries_against_corpus(queries: list[Query], audio_ids: set[str], root: Path) -> None:
-    missing = sorted({q.audio_id for q in queries if q.audio_id not in audio_ids})
+    missing = sorted({q.audio_id for q in queries if q.audio_id is not None and q.audio_id not in audio_ids})
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LarcqError(

@@ -47,6 +47,15 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def fuse(clap_scores: np.ndarray, rerank_scores: np.ndarray, fusion: str, clap_weight: float) -> np.ndarray:
+    """One query's final scores: both normalized within its candidates, then the re-rank score alone
+    (`rerank`, the paper) or `clap_weight` * CLAP + (1 - clap_weight) * re-rank (`weighted`). A
+    candidate without a re-rank score (NaN: no caption) keeps its normalized CLAP score."""
+    clap_n, rr_n = _normalize(np.asarray(clap_scores, float)), _normalize(np.asarray(rerank_scores, float))
+    final = rr_n if fusion == "rerank" else clap_weight * clap_n + (1 - clap_weight) * rr_n
+    return np.where(np.isfinite(final), final, clap_n)
+
+
 def rerank_in_parts(client: RerankClient, query: str, documents: list[str], limit: int | None) -> list[float]:
     """Scores for every document, in requests of at most `limit` documents; a request the service
     refuses for its size (413) is split in halves until it fits."""
@@ -132,9 +141,7 @@ def rerank_shortlist(run_dir: Path, job: RerankJobConfig, client: RerankClient,
             for c, v in zip(captioned, votes):
                 raw[c.audio_id] = float(v)
         rr = np.array([raw[c.audio_id] for c in cands])
-        clap_n, rr_n = _normalize(np.array([c.clap_score for c in cands])), _normalize(rr)
-        final = rr_n if job.fusion == "rerank" else job.clap_weight * clap_n + (1 - job.clap_weight) * rr_n
-        final = np.where(np.isfinite(final), final, clap_n)  # no caption: keeps its CLAP score
+        final = fuse(np.array([c.clap_score for c in cands]), rr, job.fusion, job.clap_weight)
         rows = []
         for c, r_, f in zip(cands, rr, final):
             note = "" if np.isfinite(r_) else f"no caption ({failed.get(c.audio_id, 'audio not captioned')}): kept its CLAP score"

@@ -1,6 +1,7 @@
 """Search: queries -> chunked -> CLAP text embeddings -> vote scoring against every indexed audio.
 
-Reads: <run_dir>/index/, queries.csv. Writes: queries.parquet, queries_meta.json, shortlist.parquet,
-gt_ranks.parquet, retrieved_<mode>.csv, search_meta.json. Modules: config (the `search` section and
-the scoring modes), query_chunking, scoring (vectorized votes), stages (text embedding), job.
+Reads: <run_dir>/index/, queries.csv (or data.queries). Writes: queries.parquet, queries_meta.json,
+shortlist.parquet, results.parquet, results.md, search_meta.json, and with ground truth gt_ranks.parquet
+and retrieved_<mode>.csv. Modules: config (the `search` section and the scoring modes), query_chunking,
+scoring (vectorized votes), results (matched windows, results.md), stages (text embedding), job.
 """

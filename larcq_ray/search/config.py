@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from larcq_ray.search.service_config import SearchServeConfig
 
 # The scoring modes (see search/scoring.py): how query and audio chunks vote.
 MODES: tuple[str, ...] = (
@@ -24,14 +26,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+# Where `joins` cuts free text: the joins people write between events (case-insensitive; words
+# match whole words, longest first, so "and then" wins over "then"). Sentence ends always cut.
+DEFAULT_JOINS: tuple[str, ...] = ("and then", "then", "while", "followed by", "after that", ";", ",")
+
+
 class SearchConfig(_Strict):
-    query_chunking: Literal["columns", "sentences", "none"] = "columns"
+    # columns: the benchmark's split_i cells (a query without them is cut as by joins); sentences:
+    # sentence ends and ", "; joins: sentence ends and `query_joins` (free text); none: the whole query.
+    query_chunking: Literal["columns", "sentences", "joins", "none"] = "columns"
+    query_joins: list[str] = Field(default_factory=lambda: list(DEFAULT_JOINS))
     modes: list[str] = Field(default_factory=lambda: list(MODES))
     top_k: int = Field(100, ge=1)
     query_block: int = Field(256, ge=1)
     chunk_block: int = Field(65536, ge=1)
     text_batch_size: int = Field(64, ge=1)
     retrieved_csv_k: int = Field(5, ge=1)
+    # results.parquet / results.md: the top results_k audios of each query (per mode in the Parquet,
+    # for results_mode in the Markdown, default: the first of audio-max+query-sum, audio-max+query-max,
+    # audio-max in `modes`, else the first mode), with their matched windows.
+    results_k: int = Field(10, ge=1)
+    results_mode: Optional[str] = None
+    # `larcq-ray serve-search`: the online /search service over run_dir/index
+    serve: SearchServeConfig = Field(default_factory=SearchServeConfig)
 
     @model_validator(mode="after")
     def _known_modes(self) -> "SearchConfig":
@@ -40,4 +57,20 @@ class SearchConfig(_Strict):
             raise ValueError(f"unknown scoring mode(s) {bad}; valid: {list(MODES)}")
         if not self.modes:
             raise ValueError("at least one scoring mode is needed")
+        if self.results_mode is not None and self.results_mode not in self.modes:
+            raise ValueError(f"search.results_mode {self.results_mode!r} is not one of search.modes {self.modes}")
+        if self.serve.default_mode is not None and self.serve.default_mode not in MODES:
+            raise ValueError(f"search.serve.default_mode {self.serve.default_mode!r} is not a scoring mode; "
+                             f"valid: {list(MODES)}")
+        joins = [j for j in self.query_joins if j.strip()]
+        if len(joins) != len(self.query_joins):
+            raise ValueError("search.query_joins: empty join")
         return self
+
+    def report_mode(self) -> str:
+        if self.results_mode:
+            return self.results_mode
+        for m in ("audio-max+query-sum", "audio-max+query-max", "audio-max"):
+            if m in self.modes:
+                return m
+        return self.modes[0]

@@ -1,11 +1,16 @@
 """Search job: queries -> CLAP text embeddings (queries.parquet) -> vote scoring -> shortlist.
 
+The queries: data.queries (free text, `larcq-ray search --query ...`), else data.queries_csv or
+<benchmark>/queries.csv (`query`, optional `audio_id` ground truth, `query_id`, `split_i`).
+
 Outputs in the run directory:
-    queries.parquet        query_id, audio_id (ground truth), chunk_index (-1 = whole query), text,
-                           embedding, truncated; reused when the queries, chunking and model are unchanged
+    queries.parquet        query_id, audio_id (ground truth, "" when none), chunk_index (-1 = whole query),
+                           text, embedding, truncated; reused when the queries, chunking and model are unchanged
     shortlist.parquet      query_id, mode, rank, audio_id, score (top_k per query and mode)
-    gt_ranks.parquet       query_id, mode, gt_audio_id, gt_rank (0 = not indexed), gt_score
-    retrieved_<mode>.csv   the research code's layout: query, retrieved_audio_1..k, groundtruth_audio
+    results.parquet        per query and mode its top results_k audios, with the matched window of each
+                           audio for each query chunk (artifacts.RESULTS); results.md the same, readable
+    gt_ranks.parquet       query_id, mode, gt_audio_id, gt_rank (0 = not indexed), gt_score   } only with
+    retrieved_<mode>.csv   the research code's layout: query, retrieved_audio_1..k, groundtruth_audio } ground truth
     search_meta.json       counts and settings the evaluation report needs
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +30,11 @@ import pyarrow.compute as pc
 from larcq_ray import artifacts
 from larcq_ray.config import PipelineConfig
 from larcq_ray.core.errors import LarcqError
-from larcq_ray.core.inputs import Query, queries_csv_path, read_queries
+from larcq_ray.core.inputs import Query, has_ground_truth, queries_csv_path, queries_from_texts, read_queries
 from larcq_ray.index.store import IndexStore
 from larcq_ray.models.model_card import read_model_card
 from larcq_ray.search.query_chunking import query_chunks
+from larcq_ray.search.results import load_chunk_times, results_markdown, results_table
 from larcq_ray.search.scoring import QueryEmbeddings, score
 from larcq_ray.search.stages import ClapTextStage
 
@@ -39,15 +46,17 @@ class QuerySet:
     embeddings: QueryEmbeddings
     n_truncated: int
     n_fallback: int  # queries that had no chunks for the chunking mode and use the whole query
+    chunk_texts: list[str]  # the text of each row of embeddings.chunk_emb
 
 
-def _fingerprint(cfg: PipelineConfig, csv_path: Path) -> dict:
+def _fingerprint(cfg: PipelineConfig, source: bytes) -> dict:
     return {
         "model": cfg.model.name_or_path,
         "dtype": cfg.model.dtype,
         **({"adapter": cfg.model.adapter} if cfg.model.adapter else {}),
         "query_chunking": cfg.search.query_chunking,
-        "queries_sha256": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
+        **({"query_joins": list(cfg.search.query_joins)} if cfg.search.query_chunking == "joins" else {}),
+        "queries_sha256": hashlib.sha256(source).hexdigest(),
     }
 
 
@@ -59,10 +68,11 @@ def embed_queries(cfg: PipelineConfig, queries: list[Query], out_path: Path) -> 
 
     rows, n_fallback = [], 0
     for q in queries:
-        chunks, fell_back = query_chunks(q, cfg.search.query_chunking)
+        chunks, fell_back = query_chunks(q, cfg.search.query_chunking, cfg.search.query_joins)
         n_fallback += fell_back
-        rows.append({"query_id": q.query_id, "audio_id": q.audio_id, "chunk_index": -1, "text": q.text})
-        rows += [{"query_id": q.query_id, "audio_id": q.audio_id, "chunk_index": j, "text": t} for j, t in enumerate(chunks)]
+        gt = q.audio_id or ""
+        rows.append({"query_id": q.query_id, "audio_id": gt, "chunk_index": -1, "text": q.text})
+        rows += [{"query_id": q.query_id, "audio_id": gt, "chunk_index": j, "text": t} for j, t in enumerate(chunks)]
 
     ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     stage = ClapTextStage(model=cfg.model.name_or_path, device=cfg.model.device, dtype=cfg.model.dtype,
@@ -109,12 +119,29 @@ def _query_embeddings(table: pa.Table) -> QueryEmbeddings:
     )
 
 
+def _chunk_texts(table: pa.Table) -> list[str]:
+    """The texts of the chunk rows in _query_embeddings' order (by query, then chunk)."""
+    qid = table.column("query_id").to_numpy()
+    cidx = table.column("chunk_index").to_numpy()
+    text = np.asarray(table.column("text").to_pylist(), dtype=object)
+    order = np.lexsort((cidx, qid))
+    return [str(t) for t in text[order][cidx[order] != -1]]
+
+
+def read_search_queries(cfg: PipelineConfig) -> tuple[list[Query], bytes]:
+    """The queries to search and the bytes that identify them (for reusing their embeddings)."""
+    if cfg.data.queries:
+        queries = queries_from_texts(cfg.data.queries)
+        return queries, json.dumps([q.text for q in queries]).encode()
+    csv_path = queries_csv_path(cfg.data)
+    return read_queries(csv_path), csv_path.read_bytes()
+
+
 def load_or_embed_queries(cfg: PipelineConfig) -> QuerySet:
     run_dir = Path(cfg.run_dir)
-    csv_path = queries_csv_path(cfg.data)
-    queries = read_queries(csv_path)
+    queries, source = read_search_queries(cfg)
     out_path = artifacts.QUERIES.path(run_dir)
-    fp = _fingerprint(cfg, csv_path)
+    fp = _fingerprint(cfg, source)
     table = None
     if out_path.exists() and artifacts.QUERIES_META.exists(run_dir):
         meta = artifacts.QUERIES_META.read(run_dir)
@@ -125,14 +152,11 @@ def load_or_embed_queries(cfg: PipelineConfig) -> QuerySet:
         table, n_fallback = embed_queries(cfg, queries, out_path)
         artifacts.QUERIES_META.write(run_dir, {"fingerprint": fp, "n_fallback": n_fallback})
     truncated = table.filter(pc.equal(table.column("chunk_index"), -1)).column("truncated").to_numpy(zero_copy_only=False)
-    return QuerySet(queries, _query_embeddings(table), int(truncated.sum()), n_fallback)
+    return QuerySet(queries, _query_embeddings(table), int(truncated.sum()), n_fallback, _chunk_texts(table))
 
 
-def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
-    from tqdm import tqdm
-
-    run_dir = Path(cfg.run_dir)
-    store = IndexStore(run_dir / "index")
+def check_index_model(cfg: PipelineConfig, store: IndexStore) -> dict:
+    """The index's meta, after checking it was built with the config's model (and adapter)."""
     imeta = store.meta()
     if imeta["model"] != cfg.model.name_or_path:
         raise LarcqError(
@@ -144,10 +168,20 @@ def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
             f"the index in {store.root} was built with adapter {imeta.get('adapter')!r} but the config names "
             f"{cfg.model.adapter!r}: query and audio embeddings must come from the same model"
         )
+    return imeta
+
+
+def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    run_dir = Path(cfg.run_dir)
+    store = IndexStore(run_dir / "index")
+    check_index_model(cfg, store)
     files = store.read_files()
     recorded = set(files.column("audio_id").to_pylist())
     qs = load_or_embed_queries(cfg)
-    unknown = sorted({q.audio_id for q in qs.queries} - recorded)
+    has_gt = has_ground_truth(qs.queries)
+    unknown = sorted({q.audio_id for q in qs.queries if q.audio_id is not None} - recorded)
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise LarcqError(f"queries name {len(unknown)} audio file(s) that the index never saw: {shown} "
@@ -155,12 +189,20 @@ def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     if qs.n_truncated:
         log.warning("%d of %d queries are longer than the text tower's limit and were truncated (not dropped)",
                     qs.n_truncated, len(qs.queries))
+    if qs.n_fallback and cfg.search.query_chunking != "none":
+        hint = (" (add the joins they use to search.query_joins)"
+                if cfg.search.query_chunking in ("columns", "joins") else "")
+        log.warning("%d of %d queries could not be cut into chunks by query_chunking=%s and are scored as one "
+                    "whole-query chunk%s", qs.n_fallback, len(qs.queries), cfg.search.query_chunking, hint)
 
     audios = store.load_embeddings()
     if audios.chunk_emb.shape[1] != qs.embeddings.whole_emb.shape[1]:
         raise LarcqError("query and audio embedding sizes differ: rebuild the index or the queries with one model")
     pos = {a: i for i, a in enumerate(audios.audio_ids)}
-    gt_index = np.array([pos.get(q.audio_id, -1) for q in qs.queries], dtype=np.int64)
+    gt_index = None
+    if has_gt:
+        gt_index = np.array([pos.get(q.audio_id, -1) if q.audio_id is not None else -1 for q in qs.queries],
+                            dtype=np.int64)
 
     import torch
 
@@ -178,8 +220,15 @@ def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         results = score(qs.embeddings, audios, cfg.search.modes, top_k=cfg.search.top_k, gt_index=gt_index,
                         query_block=cfg.search.query_block, chunk_block=cfg.search.chunk_block, device=device,
                         progress=progress)
-    bar.close()
-    _write_outputs(run_dir, cfg, qs, audios.audio_ids, results)
+        bar.close()
+        times = load_chunk_times(store, audios) if any(m.startswith("audio-") for m in results) else None
+        table = results_table(qs.queries, qs.embeddings, qs.chunk_texts, audios, times, results,
+                              cfg.search.results_k, device=str(device))
+    _write_outputs(run_dir, cfg, qs, audios.audio_ids, results, has_gt)
+    artifacts.RESULTS.write(run_dir, table)
+    gt = {q.query_id: q.audio_id for q in qs.queries if q.audio_id is not None} if has_gt else None
+    md = results_markdown(table, cfg.search.report_mode(), has_gt, gt)
+    (run_dir / artifacts.RESULTS_MD).write_text(md)
     meta = {
         "n_queries": len(qs.queries),
         "n_audios": len(audios.audio_ids),
@@ -191,14 +240,17 @@ def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         "query_chunking": cfg.search.query_chunking,
         "n_truncated_queries": qs.n_truncated,
         "n_queries_without_chunks": qs.n_fallback,
-        "n_missing_gt": int((gt_index < 0).sum()),
+        "n_missing_gt": int((gt_index < 0).sum()) if has_gt else 0,
+        "has_ground_truth": has_gt,
+        "results_mode": cfg.search.report_mode(),
         "index_has_whole_file": audios.whole_emb is not None,
     }
     artifacts.SEARCH_META.write(run_dir, meta)
     return meta
 
 
-def _write_outputs(run_dir: Path, cfg: PipelineConfig, qs: QuerySet, audio_ids: list[str], results: dict) -> None:
+def _write_outputs(run_dir: Path, cfg: PipelineConfig, qs: QuerySet, audio_ids: list[str], results: dict,
+                   has_gt: bool = True) -> None:
     ids = np.asarray(audio_ids, dtype=object)
     qids = np.array([q.query_id for q in qs.queries], dtype=np.int32)
     short, ranks = [], []
@@ -211,6 +263,8 @@ def _write_outputs(run_dir: Path, cfg: PipelineConfig, qs: QuerySet, audio_ids: 
             "audio_id": ids[r.topk_index.reshape(-1)],
             "score": r.topk_score.reshape(-1).astype(np.float32),
         }))
+        if not has_gt:
+            continue
         ranks.append(pa.table({
             "query_id": qids,
             "mode": np.full(q_n, mode, dtype=object),
@@ -225,13 +279,19 @@ def _write_outputs(run_dir: Path, cfg: PipelineConfig, qs: QuerySet, audio_ids: 
             for qi, q in enumerate(qs.queries):
                 w.writerow([q.text] + list(ids[r.topk_index[qi, :kk]]) + [q.audio_id])
     artifacts.SHORTLIST.write(run_dir, pa.concat_tables(short))
-    artifacts.GT_RANKS.write(run_dir, pa.concat_tables(ranks))
+    if has_gt:
+        artifacts.GT_RANKS.write(run_dir, pa.concat_tables(ranks))
+        return
+    # Queries without ground truth: nothing to rank against; an earlier run's files would mislead evaluate.
+    artifacts.GT_RANKS.path(run_dir).unlink(missing_ok=True)
+    for stale in run_dir.glob(artifacts.retrieved_csv("*")):
+        stale.unlink()
 
 
 def run(cfg: PipelineConfig) -> dict:
     """`larcq-ray search`: embed the queries, score every indexed audio, write the shortlist."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     meta = run_search(cfg)
-    log.info("searched %d queries over %d audios (%s); shortlist: %s", meta["n_queries"], meta["n_audios"],
-             ", ".join(meta["modes"]), artifacts.SHORTLIST.path(cfg.run_dir))
+    log.info("searched %d queries over %d audios (%s); results: %s", meta["n_queries"], meta["n_audios"],
+             ", ".join(meta["modes"]), Path(cfg.run_dir) / artifacts.RESULTS_MD)
     return meta

@@ -75,7 +75,9 @@ class TrainCaptionerConfig(_Strict):
     val_batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)  # linear warm-up of the learning rate, then constant
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up of the learning rate, then `lr_schedule`
+    # constant, or cosine decay to 0 over the run (epochs x steps per epoch, or max_steps if sooner)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: Optional[float] = Field(1.0, gt=0)
     checkpoint_every_steps: int = Field(100, ge=1)
     # Seconds of audio per training clip; None: the encoder's own input limit (10 s for CLAP, 30 s
@@ -85,6 +87,10 @@ class TrainCaptionerConfig(_Strict):
     # pair of the validation set, and caption metrics on captions generated for its first
     # `val_caption_items` clips (0: none). A fresh run also records the loss before training (step 0).
     val_caption_items: int = Field(32, ge=0)
+    # prefix-lm with a frozen encoder: run the encoder once per clip (a Ray Data actor pool, GPU
+    # where present) and train on its frames (no encoder forward per step; no data augmentation
+    # is lost: clips are cut the same way every epoch). Ignored when the encoder trains.
+    cache_encoder_frames: bool = True
     val_num_beams: int = Field(1, ge=1)
     val_max_new_tokens: int = Field(32, ge=1)
     metrics: list[Literal["bleu", "meteor", "rouge_l", "cider_d", "spice"]] = Field(

@@ -12,6 +12,8 @@ Stages (the stage contract, core/stage.py), Ray Data CPU tasks:
 - `EncoderInputStage`: decode, cut the segment, cut to the window (the encoder's input limit; a clip
   longer than that keeps its first window), compute the encoder inputs with the encoder's feature
   extractor only (`audio_encoders.featurize`, what `PrefixLm.featurize` calls). prefix-lm.
+- `EncoderFramesStage`: a frozen encoder's frames, computed once per clip in an actor pool (GPU where
+  present), so that training runs the connector and decoder only (`cache_encoder_frames`).
 - `WindowStage`: decode and cut only, the window's samples as float32 bytes (drcap's validation
   captions: DrCap computes its CLAP inputs itself).
 """
@@ -29,6 +31,7 @@ import numpy as np
 
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.core.stage import Resources, map_stage
+from larcq_ray.caption.prefix_lm import FRAMES_INPUT
 from larcq_ray.train.data import Clip, PairSet, read_clotho_csv, read_provenance
 
 FEATURE_PREFIX = "x_"  # encoder-input columns of the feature dataset: x_input_features, x_is_longer, ...
@@ -269,6 +272,53 @@ class EncoderInputStage:
 
 
 @dataclass
+class EncoderFramesStage:
+    """Ray Data actor stage: encoder inputs (x_* columns) -> the frozen encoder's frames, one column
+    `x_encoder_frames` (T, D) float32 that `PrefixLm.prefix` reads in place of the inputs."""
+
+    encoder: str
+    encoder_type: str = "auto"
+    local_files_only: bool = False
+    device: str = "auto"
+    name: str = "encoder_frames"
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1, gpus="auto" if self.device == "auto" else (1 if self.device == "cuda" else 0),
+                         actors=1)
+
+    def setup(self) -> None:
+        import torch
+
+        from larcq_ray.caption import audio_encoders as ae
+        from larcq_ray.core.devices import resolve_device
+
+        self._kind = ae.encoder_type(self.encoder, self.encoder_type, self.local_files_only)
+        self._device = torch.device(resolve_device(self.device, "train_captioner encoder"))
+        self._module = ae.build_encoder_module(self.encoder, self._kind, self.local_files_only).to(self._device).eval()
+
+    def process_batch(self, batch: dict) -> dict:
+        import torch
+
+        from larcq_ray.caption.audio_encoders import frames
+
+        # copies: Ray Data hands out read-only arrays, which torch warns about
+        inputs = {k[len(FEATURE_PREFIX):]: torch.as_tensor(np.array(v)).to(self._device)
+                  for k, v in batch.items() if k.startswith(FEATURE_PREFIX)}
+        with torch.inference_mode():
+            f = frames(self._module, self._kind, inputs).float().cpu().numpy()
+        self._shape = f.shape[1:]
+        out = _base_columns(batch, [""] * len(f))
+        out[FEATURE_PREFIX + FRAMES_INPUT] = f
+        return out
+
+    def failed_batch(self, batch: dict, reason: str) -> dict:
+        n = len(batch["clip_id"])
+        out = _base_columns(batch, [f"encoder failed: {reason}"] * n)
+        out[FEATURE_PREFIX + FRAMES_INPUT] = np.zeros((n, *getattr(self, "_shape", (1, 1))), dtype=np.float32)
+        return out
+
+
+@dataclass
 class WindowStage:
     """Ray Data task stage: clip -> its window's samples (float32 bytes) at `sample_rate`."""
 
@@ -327,6 +377,22 @@ def encoder_input_dataset(clips: list[Clip], encoder: str, encoder_type: str, wi
     stage = EncoderInputStage(encoder=encoder, encoder_type=encoder_type, window_s=window_s,
                               local_files_only=local_files_only)
     return prepared_dataset(clips, stage, files_per_task, source, ["clip_id", "captions"])
+
+
+def frames_dataset(ds, encoder: str, encoder_type: str, local_files_only: bool, device: str, batch_size: int,
+                   source: str):
+    """Encoder inputs -> the frozen encoder's frames (computed once, here, not at every step):
+    (dataset of the clips the encoder took, skipped rows for those it failed on)."""
+    if ds is None:
+        return None, []
+    stage = EncoderFramesStage(encoder=encoder, encoder_type=encoder_type, local_files_only=local_files_only,
+                               device=device)
+    out = map_stage(ds, stage, batch_size).materialize()
+    failed = out.filter(lambda r: r["status"] == "failed").select_columns(["clip_id", "error"]).take_all()
+    skipped = [_skip(source, r["clip_id"], "", f"audio failed: {r['error']}") for r in failed]
+    good = out.filter(lambda r: r["status"] == "ok").select_columns(["clip_id", "captions",
+                                                                     FEATURE_PREFIX + FRAMES_INPUT])
+    return good.materialize(), skipped
 
 
 def window_dataset(clips: list[Clip], sample_rate: int, window_s: float, files_per_task: int, source: str):

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from larcq_ray.core.errors import LarcqError
-from larcq_ray.train.captioner_data import (encoder_input_dataset, read_inputs, resolve_window, text_dataset,
-                                            window_dataset)
+from larcq_ray.train.captioner_data import (encoder_input_dataset, frames_dataset, read_inputs, resolve_window,
+                                            text_dataset, window_dataset)
 from larcq_ray.train.captioner_loop import BEST_DIR, PROGRESS_FILE, captioner_loop_per_worker
 from larcq_ray.train.data import write_skipped
 from larcq_ray.train.job import local_run_dir
@@ -120,6 +120,14 @@ def run_train_captioner(cfg) -> dict:
                       local_files_only=lfo, files_per_task=fpt)
         ds_train, bad_train = encoder_input_dataset(train.clips, source="train", **common)
         ds_val, bad_val = encoder_input_dataset(val.clips, source="val", **common) if val.clips else (None, [])
+        if tc.cache_encoder_frames and not enc.get("train"):
+            device = "cuda" if tc.use_gpu else "cpu"
+            fr = dict(encoder=enc["name_or_path"], encoder_type=enc.get("type", "auto"), local_files_only=lfo,
+                      device=device, batch_size=tc.val_batch_size)
+            ds_train, bad = frames_dataset(ds_train, source="train", **fr)
+            bad_train += bad
+            ds_val, bad = frames_dataset(ds_val, source="val", **fr)
+            bad_val += bad
         n_train = ds_train.count() if ds_train is not None else 0
     else:
         window = None
@@ -160,7 +168,8 @@ def run_train_captioner(cfg) -> dict:
         "datastore": [t for c in train.clips for t in c.captions] if kind == "drcap" else None,
         "epochs": tc.epochs, "max_steps": tc.max_steps, "batch_size": tc.batch_size,
         "val_batch_size": tc.val_batch_size, "lr": tc.lr, "weight_decay": tc.weight_decay,
-        "warmup_steps": tc.warmup_steps, "grad_clip": tc.grad_clip,
+        "warmup_steps": tc.warmup_steps, "grad_clip": tc.grad_clip, "lr_schedule": tc.lr_schedule,
+        "total_steps": min(tc.max_steps or 10**12, tc.epochs * (n_train // (tc.batch_size * tc.num_workers))),
         "checkpoint_every_steps": tc.checkpoint_every_steps, "seed": tc.data.seed, "torch_threads": tc.torch_threads,
         "has_val": ds_val is not None, "has_val_audio": ds_val_audio is not None,
         "val_caption_items": tc.val_caption_items, "val_num_beams": tc.val_num_beams,
@@ -211,7 +220,7 @@ def run_train_captioner(cfg) -> dict:
         "paths": {"run_dir": str(run_dir), "ray_train": str(storage / tc.name), "latest_checkpoint": latest,
                   "captioner_best": str(best_dir) if (best_dir / "captioner.json").is_file() else None},
         "wall_s": round(time.time() - t0, 1),
-        "prepare_s": round(t_fit - t_prepare, 1),  # reading + Ray Data (encoder inputs)
+        "prepare_s": round(t_fit - t_prepare, 1),  # reading + Ray Data (encoder inputs, cached frames)
         "fit_s": round(fit_s, 1),  # Ray Train: worker start, model loads, steps, validation, checkpoints
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -189,6 +189,18 @@ def _is_better(metric: str, value, best) -> bool:
 
 # ---------------------------------------------------------------- the loop
 
+def lr_at(c: dict, step: int) -> float:
+    """The learning rate of (1-based) `step`: linear warm-up, then constant or cosine decay to 0."""
+    warm = c.get("warmup_steps") or 0
+    if warm and step <= warm:
+        return c["lr"] * step / warm
+    if c.get("lr_schedule") == "cosine":
+        total = max(c.get("total_steps") or 1, warm + 1)
+        progress = min(1.0, (step - warm) / (total - warm))
+        return c["lr"] * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return c["lr"]
+
+
 def captioner_loop_per_worker(c: dict) -> None:
     import torch
 
@@ -351,9 +363,8 @@ def captioner_loop_per_worker(c: dict) -> None:
                 ray.train.report({**base_metrics(), "nan_at_step": state["step"] + 1,
                                   "last_good_step": last_ckpt_step})
                 return  # no step taken, nothing saved: the last checkpoint stays the last good one
-            warm = c.get("warmup_steps") or 0
             for g in opt.param_groups:
-                g["lr"] = c["lr"] * (min(1.0, (state["step"] + 1) / warm) if warm else 1.0)
+                g["lr"] = lr_at(c, state["step"] + 1)
             opt.step()
             state["step"] += 1
             state["epoch_step"] = seen

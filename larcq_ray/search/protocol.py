@@ -1,0 +1,62 @@
+"""Wire format of the /search service.
+
+Request:  {"query": str, "top_k"?: int, "mode"?: str}
+Response: {"query", "mode", "chunks": [str], "n_audios", "results": [{"rank", "audio_id", "score",
+           "windows": [{"chunk", "text", "start_s", "end_s", "similarity"}]}]}
+Errors:   the /rerank service's {"error": {"message", "type", "field"}} (larcq_ray.rerank.protocol).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from larcq_ray.search.config import MODES
+
+
+class SearchRequest(BaseModel):
+    # strict: "5" is not a valid top_k; clients get told
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    query: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+    top_k: Optional[int] = Field(default=None, ge=1)  # None: search.serve.default_top_k; max: max_top_k
+    mode: Optional[str] = None  # a scoring mode (search/config.MODES); None: the service's default
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in MODES:
+            raise ValueError(f"unknown scoring mode {v!r}; valid: {', '.join(MODES)}")
+        return v
+
+
+class Window(BaseModel):
+    chunk: int  # index of the query chunk in `chunks`; -1 = the whole query (audio-max / audio-sum)
+    text: str  # that query chunk's text
+    start_s: float  # the audio's best-matching window for it
+    end_s: float
+    similarity: float  # cosine similarity of the chunk and the window
+
+
+class SearchResult(BaseModel):
+    rank: int  # 1-based
+    audio_id: str
+    score: float  # the mode's vote score, higher = better
+    windows: list[Window]  # empty for modes that score whole files (none, query-max, query-sum)
+
+
+class SearchResponse(BaseModel):
+    query: str  # as searched (whitespace normalized)
+    mode: str
+    chunks: list[str]  # the query chunks scored (the whole query when it could not be cut)
+    truncated: bool  # the query was longer than the text tower's limit (it was cut, not refused)
+    n_audios: int  # audios in the index
+    results: list[SearchResult]  # best first
+
+
+class SearchHealthResponse(BaseModel):
+    status: Literal["ok"]
+    model: str
+    n_audios: int
+    modes: list[str]  # the modes this index supports

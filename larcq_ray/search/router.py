@@ -1,0 +1,190 @@
+"""HTTP side of the /search service: a FastAPI app served as a Ray Serve ingress deployment.
+
+Routes (relative to the application's route_prefix):
+  POST /search   SearchRequest -> SearchResponse        (Bearer auth when an api_key is set)
+  GET  /healthz  {"status": "ok", "model", "n_audios", "modes"} (no auth: for load-balancer probes)
+
+Each replica loads CLAP's text tower and run_dir/index once (the whole index in memory) and answers
+a query as `larcq-ray search --query` does: the same chunking (search.query_chunking / query_joins),
+the same scoring (search/scoring.score) and the same matched windows (search/results.results_table).
+
+Errors have the /rerank service's shape {"error": {"message", "type", "field"}} and handlers:
+  400 body is not JSON          401 missing / wrong Bearer token
+  413 body over max_body_bytes, or a query over max_query_chars (field "query")
+  422 schema errors (empty query, unknown mode, top_k < 1 or not an int), top_k over max_top_k,
+      a mode the index cannot score (whole-file modes on an index without whole-file embeddings)
+"""
+
+# No `from __future__ import annotations`: FastAPI must see `request: Request` as the class, not a string.
+import asyncio
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.rerank.protocol import ErrorResponse
+from larcq_ray.rerank.router import (
+    ApiError,
+    _api_error,
+    _http_error,
+    _validation_error,
+    check_bearer,
+    error_response,
+    read_body,
+)
+from larcq_ray.search.config import MODES
+from larcq_ray.search.protocol import SearchHealthResponse, SearchRequest, SearchResponse, SearchResult, Window
+
+log = logging.getLogger(__name__)
+
+fastapi_app = FastAPI(
+    title="LARCQ search",
+    description="Search an indexed corpus with a long free-text query: ranked audios and their matched windows.",
+)
+# The same handlers as /rerank: one error shape across the services.
+fastapi_app.add_exception_handler(ApiError, _api_error)
+fastapi_app.add_exception_handler(RequestValidationError, _validation_error)
+fastapi_app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+@fastapi_app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error in the search service")
+    return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def parse_search_request(body: bytes) -> SearchRequest:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"body is not valid JSON: {e}", "invalid_request_error", "body")
+    try:
+        return SearchRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False))
+
+
+class SearchEngine:
+    """CLAP's text tower and the index of cfg.run_dir, in memory; one query at a time."""
+
+    def __init__(self, cfg) -> None:  # cfg: larcq_ray.config.PipelineConfig
+        from larcq_ray.core.devices import resolve_device
+        from larcq_ray.index.store import IndexStore
+        from larcq_ray.models.clap import ClapTextEncoder
+        from larcq_ray.search.job import check_index_model
+        from larcq_ray.search.results import load_chunk_times
+        from larcq_ray.search.scoring import _SIDES
+
+        self.cfg = cfg
+        store = IndexStore(Path(cfg.run_dir) / "index")
+        check_index_model(cfg, store)
+        self.audios = store.load_embeddings()
+        self.times = load_chunk_times(store, self.audios)
+        m = cfg.model
+        self.encoder = ClapTextEncoder(m.name_or_path, m.device, m.dtype, m.local_files_only, adapter=m.adapter)
+        self.device = str(resolve_device(m.device, "model.device"))
+        dim = self.encoder(["probe"]).embeddings.shape[1]
+        if dim != self.audios.chunk_emb.shape[1]:
+            raise LarcqError("query and audio embedding sizes differ: rebuild the index with the config's model")
+        has_whole = self.audios.whole_emb is not None
+        self.modes = [md for md in MODES if has_whole or _SIDES[md][0] != "whole"]
+        serve_cfg = cfg.search.serve
+        self.default_mode = serve_cfg.default_mode or cfg.search.report_mode()
+        if self.default_mode not in self.modes:
+            raise LarcqError(f"the default mode {self.default_mode!r} needs whole-file embeddings, which the "
+                             f"index in {store.root} lacks; set search.serve.default_mode to one of {self.modes}")
+        self.model_name = m.name_or_path
+        self._lock = threading.Lock()  # one query at a time through the model and the scorer
+
+    @property
+    def n_audios(self) -> int:
+        return len(self.audios.audio_ids)
+
+    def search(self, text: str, top_k: int, mode: str) -> SearchResponse:
+        import torch
+
+        from larcq_ray.core.inputs import queries_from_texts
+        from larcq_ray.search.query_chunking import query_chunks
+        from larcq_ray.search.results import results_table
+        from larcq_ray.search.scoring import QueryEmbeddings, score
+
+        search_cfg = self.cfg.search
+        query = queries_from_texts([text], "query")[0]
+        chunks, _ = query_chunks(query, search_cfg.query_chunking, search_cfg.query_joins)
+        k = min(top_k, self.n_audios)
+        with self._lock, torch.inference_mode():
+            out = self.encoder([query.text, *chunks])
+            emb = np.asarray(out.embeddings, dtype=np.float32)
+            q_emb = QueryEmbeddings(query_ids=["0"], whole_emb=emb[:1], chunk_emb=np.ascontiguousarray(emb[1:]),
+                                    chunk_offsets=np.array([0, len(chunks)], dtype=np.int64))
+            scores = score(q_emb, self.audios, [mode], top_k=k, query_block=1, chunk_block=search_cfg.chunk_block,
+                           device=self.device)
+            table = results_table([query], q_emb, chunks, self.audios, self.times, scores, k, device=self.device)
+        results: dict[int, SearchResult] = {}
+        for row in table.to_pylist():
+            r = results.get(row["rank"])
+            if r is None:
+                r = results[row["rank"]] = SearchResult(rank=row["rank"], audio_id=row["audio_id"],
+                                                        score=float(row["score"]), windows=[])
+            if row["start_s"] is not None:
+                r.windows.append(Window(chunk=row["query_chunk"], text=row["query_chunk_text"],
+                                        start_s=row["start_s"], end_s=row["end_s"],
+                                        similarity=float(row["window_score"])))
+        return SearchResponse(query=query.text, mode=mode, chunks=chunks, truncated=bool(out.truncated[0]),
+                              n_audios=self.n_audios, results=[results[i] for i in sorted(results)])
+
+
+_SEARCH_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": SearchRequest.model_json_schema()}},
+    }
+}
+
+
+@serve.deployment(name="SearchDeployment")
+@serve.ingress(fastapi_app)
+class SearchDeployment:
+    """One replica: CLAP's text tower and the whole index, loaded once."""
+
+    def __init__(self, cfg) -> None:  # cfg: larcq_ray.config.PipelineConfig
+        self.cfg = cfg
+        self.serve_cfg = cfg.search.serve
+        self.engine = SearchEngine(cfg)
+
+    @fastapi_app.post("/search", response_model=SearchResponse, openapi_extra=_SEARCH_OPENAPI,
+                      responses={c: {"model": ErrorResponse} for c in (400, 401, 413, 422, 500)})
+    async def search(self, request: Request) -> SearchResponse:
+        sc = self.serve_cfg
+        check_bearer(request, sc.api_key)  # before reading a stranger's body
+        req = parse_search_request(await read_body(request, sc.max_body_bytes))
+        if len(req.query) > sc.max_query_chars:
+            raise ApiError(413, f"a query of {len(req.query)} characters is over the limit of {sc.max_query_chars}",
+                           "payload_too_large", "query")
+        top_k = sc.default_top_k if req.top_k is None else req.top_k
+        if top_k > sc.max_top_k:
+            raise ApiError(422, f"top_k: {top_k} is over the limit of {sc.max_top_k}", "invalid_request_error",
+                           "top_k")
+        mode = req.mode or self.engine.default_mode
+        if mode not in self.engine.modes:
+            raise ApiError(422, f"mode: {mode!r} needs whole-file embeddings, which this index lacks; "
+                                f"valid here: {', '.join(self.engine.modes)}", "invalid_request_error", "mode")
+        try:
+            return await asyncio.to_thread(self.engine.search, req.query, top_k, mode)
+        except LarcqError as e:  # the query itself is unusable (e.g. nothing left after normalizing)
+            raise ApiError(422, str(e), "invalid_request_error", "query")
+
+    @fastapi_app.get("/healthz", response_model=SearchHealthResponse)
+    async def healthz(self) -> Any:
+        e = self.engine
+        return SearchHealthResponse(status="ok", model=e.model_name, n_audios=e.n_audios, modes=e.modes)
