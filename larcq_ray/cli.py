@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "index -> search -> caption -> rerank -> evaluate from one config (its `stages`)"),
         ("caption", "caption every window of the shortlisted audios with an audio-language model (captions.parquet)"),
         ("rerank", "re-rank the shortlist from its captions through the /rerank service (reranked.parquet)"),
-        ("serve", "run the /rerank Ray Serve application until stopped"),
+        ("serve", "run the /rerank Ray Serve application until stopped (--search: /search beside it)"),
         ("serve-search", "run the /search Ray Serve application over run_dir/index until stopped (search.serve)"),
         ("synthesize", "build a LARCQ benchmark (long audios + long queries) from a captioned clip dataset"),
         ("refine", "rewrite the benchmark's raw queries with an LLM (queries_condensed.csv / queries_rephrased.csv)"),
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         if name == "refine":
             p.add_argument("--mode", choices=["condense", "rephrase"], help="overrides refine.mode")
+        if name == "serve":
+            p.add_argument("--search", action="store_true",
+                           help="also run the /search app (search.serve settings) on serve.host:port, under "
+                                "search.serve.route_prefix (sets serve.search)")
         if name == "train-clap":
             p.add_argument("--lora", action="store_true", help="train LoRA adapters only (sets train.lora.enabled)")
         if name == "eval-alm":
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "and audio_id (ground truth) columns (sets data.queries_csv)")
         if name == "caption":
             p.add_argument("--audio-ids", help="caption the ids listed in this file (.txt one per line, .csv or "
-                                               ".parquet with an audio_id column) instead of the shortlist")
+                                               ".parquet with an audio_id column), or `index` for every indexed "
+                                               "audio, instead of the shortlist")
     val = sub.add_parser("validate-submission", help="check a submission.csv against its test list: every "
                          "testset_id once, no unknown id, no empty text, the right header (exit 1 on problems)")
     val.add_argument("submission", help="the submission.csv")
@@ -96,6 +101,8 @@ def _config(args):
         overrides.append(f"refine.mode={args.mode}")
     if getattr(args, "lora", False):
         overrides.append("train.lora.enabled=true")
+    if getattr(args, "search", False):
+        overrides.append("serve.search=true")
     for key, attr in (("test_list", "test_list"), ("task", "task"), ("out_dir", "out")):
         if args.command == "eval-alm" and getattr(args, attr, None):
             overrides.append(f"eval_alm.{key}={json.dumps(getattr(args, attr))}")  # quoted: stays a string

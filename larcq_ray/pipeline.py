@@ -88,15 +88,26 @@ def run_benchmark(cfg: PipelineConfig) -> None:
 
 
 def _serve(cfg: PipelineConfig) -> None:
-    from larcq_ray.rerank.app import serve_until_stopped
+    """/rerank, and with serve.search (`larcq-ray serve --search`) /search beside it on serve.host:port."""
+    from larcq_ray.core.serve_runner import serve_until_stopped
+    from larcq_ray.rerank.app import rerank_app
 
-    serve_until_stopped(cfg)
+    apps = [rerank_app(cfg.serve)]
+    if cfg.serve.search:
+        from larcq_ray.search.app import check_index, search_app
+
+        check_index(cfg)
+        apps.append(search_app(cfg))
+    serve_until_stopped(apps, cfg.serve.host, cfg.serve.port, cfg.ray.address, cfg.ray.num_cpus)
 
 
 def _serve_search(cfg: PipelineConfig) -> None:
-    from larcq_ray.search.app import serve_until_stopped
+    from larcq_ray.core.serve_runner import serve_until_stopped
+    from larcq_ray.search.app import check_index, search_app
 
-    serve_until_stopped(cfg)
+    check_index(cfg)
+    sc = cfg.search.serve
+    serve_until_stopped([search_app(cfg)], sc.host, sc.port, cfg.ray.address, cfg.ray.num_cpus)
 
 
 def _train_clap(cfg: PipelineConfig):

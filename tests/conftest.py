@@ -86,3 +86,116 @@ def write_bad_audio(folder: Path) -> dict[str, str]:
     (folder / "_full.wav").unlink()
     expect["truncated.wav"] = ""  # the readable half is indexed, with a truncation warning
     return expect
+
+
+# -- the /search service: one indexed corpus per run, one Serve instance per module that uses it ----
+SEARCH_EVENT_S = 4.0
+SEARCH_CORPUS = {  # long audios, one sound-world event every 4 s
+    "a.wav": ["siren", "heartbeat", "white_noise", "bell"],
+    "b.wav": ["knocks", "low_rumble", "major_chord"],
+}
+SEARCH_QUERY = "a heart pounds slowly and loudly and then a loud radio static hiss"  # a.wav: 4-8 s then 8-12 s
+SEARCH_API_KEY = "search-test-key"
+# Stored captions that contradict CLAP: b.wav's windows describe the query, a.wav's do not. With
+# `rerank: true` (fusion: rerank, the paper) b.wav comes first; without it a.wav does.
+SEARCH_CAPTIONS = {
+    "a.wav": ["a church bell rings", "a choir sings", "wind blows", "a door closes"],
+    "b.wav": ["a heart pounds slowly and loudly", "a loud radio static hiss", "a car passes"],
+}
+
+
+def _write_search_captions(path: Path, audio_ids) -> None:
+    from larcq_ray import artifacts
+
+    rows = []
+    for aid in audio_ids:
+        texts = SEARCH_CAPTIONS[aid]
+        for i, text in enumerate(texts):
+            rows.append({"audio_id": aid, "chunk_index": i, "start_s": i * SEARCH_EVENT_S,
+                         "end_s": (i + 1) * SEARCH_EVENT_S, "captioner": "hand", "prompt": "", "caption": text,
+                         "status": "ok", "error": None})
+        rows.append({"audio_id": aid, "chunk_index": -1, "start_s": 0.0, "end_s": len(texts) * SEARCH_EVENT_S,
+                     "captioner": "hand", "prompt": "", "caption": ". ".join(texts), "status": "ok", "error": None})
+    artifacts.CAPTIONS.write_to(path, rows)
+
+
+@pytest.fixture(scope="session")
+def search_corpus(tmp_path_factory, ray_session):
+    """A plain corpus with events at known times, indexed once with the demo CLAP; run_dir holds
+    captions of both audios, b_only.parquet those of b.wav alone. Yields (root, config dict)."""
+    import yaml
+
+    from larcq_ray.cli import main
+    from larcq_ray.offline import sound_world as sw
+    from larcq_ray.offline.demo_clap import assemble_demo_clap
+
+    sr = 48000
+    root = tmp_path_factory.mktemp("search_corpus")
+    model = assemble_demo_clap(root / "demo_clap")
+    rng = np.random.default_rng(20240613)
+    (root / "corpus").mkdir()
+    for aid, kinds in SEARCH_CORPUS.items():
+        audio = np.concatenate([sw.render(sw.EventSpec(k, {"loudness": "loud"}), rng, SEARCH_EVENT_S, sr)
+                                for k in kinds])
+        sf.write(root / "corpus" / aid, audio, sr)
+    cfg = {
+        "run_dir": str(root / "run"),
+        "data": {"corpus": str(root / "corpus")},
+        "model": {"name_or_path": str(model), "device": "cpu", "local_files_only": True},
+        "index": {"chunking": {"mode": "fixed", "window_s": SEARCH_EVENT_S, "overlap_s": 0.0, "min_chunk_s": 1.0},
+                  "whole_file": True, "batch_size": 8},
+        "rerank": {"fusion": "rerank", "match": "windows"},
+        # 3 search replicas + 1 rerank replica fit in the test session's 2 CPUs (an app that cannot be placed waits forever)
+        "serve": {"route_prefix": "/rr", "search": True, "num_cpus": 0.5,
+                  "backend": {"kind": "bi-encoder", "device": "cpu"}},
+        "search": {"query_chunking": "joins",
+                   "serve": {"num_cpus": 0.3, "max_body_bytes": 2000, "max_top_k": 5, "default_top_k": 5}},
+    }
+    (root / "index.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["index", "--config", str(root / "index.yaml")]) == 0
+    _write_search_captions(root / "run" / "captions.parquet", ["a.wav", "b.wav"])
+    _write_search_captions(root / "b_only.parquet", ["b.wav"])
+    return root, cfg
+
+
+@pytest.fixture(scope="module")
+def search_service(search_corpus, tmp_path_factory):
+    """What `larcq-ray serve --search` starts, on 127.0.0.1:<free port>: /rerank (MiniLM) under /rr
+    and /search at /, plus a second search app under /secure with SEARCH_API_KEY whose captions
+    cover b.wav only, and a third under /lone whose rerank.endpoint names a missing app. Yields the base URL; the apps and Serve are gone afterwards, so the next
+    module's Serve starts on its own port."""
+    import socket
+
+    import yaml
+    from ray import serve
+
+    from larcq_ray.config import load_config
+    from larcq_ray.core.serve_runner import start_apps
+    from larcq_ray.rerank.app import rerank_app
+    from larcq_ray.search.app import run_server, search_app
+
+    root, cfg = search_corpus
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {**cfg, "serve": {**cfg["serve"], "port": port},
+           "search": {**cfg["search"], "serve": {**cfg["search"]["serve"], "port": port}}}
+    path = tmp_path_factory.mktemp("search_service") / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    open_cfg = load_config(str(path))
+    secure_cfg = load_config(str(path), [f"search.serve.api_key={SEARCH_API_KEY}", "search.serve.route_prefix=/secure",
+                                         f"search.serve.captions={root / 'b_only.parquet'}"])
+    assert open_cfg.search.serve.api_key is None  # $LARCQ_SEARCH_API_KEY unset: no auth
+    try:
+        base = start_apps([rerank_app(open_cfg.serve), search_app(open_cfg, "search-open")], "127.0.0.1", port)
+        run_server(secure_cfg, blocking=False, app_name="search-secure")
+        lone_cfg = load_config(str(path), ["search.serve.route_prefix=/lone", "rerank.endpoint=serve://no-such-app"])
+        run_server(lone_cfg, blocking=False, app_name="search-lone")  # its re-rank service is missing
+        yield base
+    finally:
+        for name in ("search-open", "search-secure", "search-lone", "larcq-rerank"):
+            try:
+                serve.delete(name)
+            except Exception:  # noqa: BLE001 - never started
+                pass
+        serve.shutdown()  # Serve's HTTP port is fixed at its first start: later modules start their own

@@ -220,3 +220,21 @@ def test_caption_cli_from_a_plain_id_list(ray_session, tiny_alm, tmp_path, capsy
     (tmp_path / "empty.txt").write_text("# nothing\n")
     assert main(["caption", "--config", str(tmp_path / "c.yaml"), "--audio-ids", str(tmp_path / "empty.txt")]) == 2
     assert "holds no ids" in capsys.readouterr().err
+
+    # `--audio-ids index`: every audio the index holds (a failed file is not one), e.g. for /search's rerank
+    cfg["run_dir"] = str(tmp_path / "run2")
+    (tmp_path / "c2.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["caption", "--config", str(tmp_path / "c2.yaml"), "--audio-ids", "index"]) == 2
+    assert "no index in" in capsys.readouterr().err
+    from larcq_ray.index.store import IndexStore
+
+    store = IndexStore(tmp_path / "run2" / "index")
+    store.open_for_write({"model": "m"})
+    ok = {"duration_s": 4.0, "sample_rate": 16000, "channels": 1, "n_chunks": 1, "status": "ok"}
+    store.commit([{"audio_id": "b.wav", **ok}, {"audio_id": "a.wav", **ok},
+                  {"audio_id": "bad.wav", **ok, "status": "failed", "error": "corrupt"}],
+                 [{"audio_id": a, "chunk_index": 0, "start_s": 0.0, "end_s": 4.0, "embedding": [0.0, 1.0]}
+                  for a in ("a.wav", "b.wav")])
+    assert main(["caption", "--config", str(tmp_path / "c2.yaml"), "--audio-ids", "index"]) == 0
+    t = pq.read_table(tmp_path / "run2" / "captions.parquet").to_pandas()
+    assert sorted(t.audio_id.unique()) == ["a.wav", "b.wav"] and (t.status == "ok").all()

@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_ROOTS = ("larcq_ray", "jobs")
 # the demo CLAP's and the demo captioner's weight files (every file of those folders)
 WEIGHTS_DIRS = ("larcq_ray/offline/demo_clap_weights", "larcq_ray/offline/demo_captioner_weights")
+# other package data a pip-installed larcq_ray reads at run time
+DATA_FILES = ("larcq_ray/search/page.html",)
 # Build outputs, caches and environments: never part of a source checkout.
 _NOT_SOURCE = shutil.ignore_patterns(
     ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
@@ -42,7 +44,7 @@ def expected_entries(root: Path) -> dict[str, list[str]]:
     weights = sorted(
         p.relative_to(root).as_posix() for d in WEIGHTS_DIRS for p in (root / d).rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
-    )
+    ) + [f for f in DATA_FILES if (root / f).is_file()]
     return {"modules": modules, "weights": weights}
 
 
@@ -77,6 +79,8 @@ def check_wheel(src: Path, tmp: Path) -> None:
     for d in WEIGHTS_DIRS:
         for pattern in ("*.json", "*.safetensors"):
             assert list((src / d).glob(pattern)), f"no {pattern} in {src / d}"
+    for f in DATA_FILES:
+        assert (src / f).is_file(), f"{src / f} is missing"
 
     wheel = build_wheel(src, tmp / "wheelhouse")
     missing = missing_from_wheel(wheel, expected)

@@ -1,83 +1,20 @@
-"""The /search Serve app over real HTTP: a plain corpus of long audios with events at known times,
-indexed once with the demo CLAP, served on 127.0.0.1:<free port> (one app without auth, one with
-an API key), queried with httpx; the apps are deleted at the end so other Serve tests start clean."""
+"""The /search Serve app over real HTTP, beside a real /rerank app (MiniLM bi-encoder) as `larcq-ray
+serve --search` runs them: the corpus, captions and apps are conftest's `search_corpus` and
+`search_service` (events at known times, indexed with the demo CLAP; one search app without auth,
+one with an API key and captions for b.wav only), queried with httpx."""
 
 from __future__ import annotations
 
-import socket
-
 import httpx
-import numpy as np
 import pytest
-import soundfile as sf
-import yaml
 
-SR = 48000
-EVENT_S = 4.0
-CORPUS = {
-    "a.wav": ["siren", "heartbeat", "white_noise", "bell"],
-    "b.wav": ["knocks", "low_rumble", "major_chord"],
-}
-QUERY = "a heart pounds slowly and loudly and then a loud radio static hiss"  # a.wav, 4-8 s then 8-12 s
-API_KEY = "search-test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import SEARCH_API_KEY as API_KEY
+from conftest import SEARCH_QUERY as QUERY
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, ray_session):
-    from ray import serve
-
-    from larcq_ray.cli import main
-    from larcq_ray.config import load_config
-    from larcq_ray.offline import sound_world as sw
-    from larcq_ray.offline.demo_clap import assemble_demo_clap
-    from larcq_ray.search.app import run_server
-
-    root = tmp_path_factory.mktemp("search_service")
-    model = assemble_demo_clap(root / "demo_clap")
-    rng = np.random.default_rng(20240613)
-    for aid, kinds in CORPUS.items():
-        audio = np.concatenate([sw.render(sw.EventSpec(k, {"loudness": "loud"}), rng, EVENT_S, SR) for k in kinds])
-        (root / "corpus").mkdir(exist_ok=True)
-        sf.write(root / "corpus" / aid, audio, SR)
-    port = _free_port()
-    cfg = {
-        "run_dir": str(root / "run"),
-        "data": {"corpus": str(root / "corpus")},
-        "model": {"name_or_path": str(model), "device": "cpu", "local_files_only": True},
-        "index": {"chunking": {"mode": "fixed", "window_s": EVENT_S, "overlap_s": 0.0, "min_chunk_s": 1.0},
-                  "whole_file": True, "batch_size": 8},
-        "search": {"query_chunking": "joins",
-                   "serve": {"port": port, "num_cpus": 0.5, "max_body_bytes": 2000, "max_top_k": 5,
-                             "default_top_k": 5}},
-    }
-    cfg_path = root / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    assert main(["index", "--config", str(cfg_path)]) == 0
-    open_cfg = load_config(str(cfg_path))
-    secure_cfg = load_config(str(cfg_path), [f"search.serve.api_key={API_KEY}", "search.serve.route_prefix=/secure"])
-    assert open_cfg.search.serve.api_key is None  # $LARCQ_SEARCH_API_KEY unset: no auth
-    try:
-        url = run_server(open_cfg, blocking=False, app_name="search-open")
-        run_server(secure_cfg, blocking=False, app_name="search-secure")
-        yield url
-    finally:
-        for name in ("search-open", "search-secure"):
-            try:
-                serve.delete(name)
-            except Exception:  # noqa: BLE001 - never started
-                pass
-        serve.shutdown()  # Serve's HTTP port is fixed at its first start: later modules start their own
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with httpx.Client(base_url=service, timeout=120) as c:
+def client(search_service):
+    with httpx.Client(base_url=search_service, timeout=120) as c:
         yield c
 
 
@@ -118,7 +55,7 @@ def test_modes_and_top_k(client):
     ({"query": QUERY, "top_k": 0}, "top_k"),
     ({"query": QUERY, "top_k": 6}, "top_k"),  # over search.serve.max_top_k
     ({"query": QUERY, "top_k": "3"}, "top_k"),
-    ({"query": QUERY, "rerank": True}, "rerank"),  # not offered yet: refused, not ignored
+    ({"query": QUERY, "rerank": "yes"}, "rerank"),
     ({}, "query"),
 ])
 def test_bad_requests_are_422_with_the_rerank_error_shape(client, payload, field):
@@ -144,3 +81,87 @@ def test_api_key(client):
     ok = client.post("/secure/search", json={"query": QUERY}, headers={"Authorization": f"Bearer {API_KEY}"})
     assert ok.status_code == 200 and ok.json()["results"][0]["audio_id"] == "a.wav"
     assert client.get("/secure/healthz").status_code == 200  # probes need no key
+
+
+def test_rerank_reorders_from_stored_captions(client):
+    plain = client.post("/search", json={"query": QUERY}).json()
+    assert [x["audio_id"] for x in plain["results"]] == ["a.wav", "b.wav"] and not plain["reranked"]
+    r = client.post("/search", json={"query": QUERY, "rerank": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["reranked"] and body["uncaptioned"] == []
+    first, second = body["results"]
+    assert (first["audio_id"], first["rank"], first["clap_rank"]) == ("b.wav", 1, 2)
+    assert second["clap_rank"] == 1 and first["rerank_score"] > second["rerank_score"]
+    assert first["clap_score"] == pytest.approx(plain["results"][1]["score"], rel=1e-5)
+    assert first["windows"] == plain["results"][1]["windows"]  # the matched windows travel with their audio
+    assert first["audio_url"] == "/audio/b.wav"
+
+
+def test_rerank_says_which_results_had_no_caption(client):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = client.post("/secure/search", json={"query": QUERY, "rerank": True}, headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["uncaptioned"] == ["a.wav"]
+    a = next(x for x in body["results"] if x["audio_id"] == "a.wav")
+    assert a["rerank_score"] is None and a["note"].startswith("no caption")
+    b = next(x for x in body["results"] if x["audio_id"] == "b.wav")
+    assert b["rerank_score"] is not None and b["note"] == ""
+    assert b["audio_url"].startswith("/secure/audio/b.wav?token=")
+
+
+def test_rerank_without_a_rerank_service_is_503_and_search_still_works(client):
+    r = client.post("/lone/search", json={"query": QUERY, "rerank": True})
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert err["type"] == "unavailable" and err["field"] == "rerank" and "no-such-app" in err["message"]
+    assert client.post("/lone/search", json={"query": QUERY}).status_code == 200
+
+
+def test_both_apps_answer_on_one_port(client):
+    r = client.post("/rr/rerank", json={"query": "rain", "documents": ["rain falls", "a dog barks"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["index"] == 0
+    assert client.get("/healthz").json()["auth_required"] is False
+    assert client.get("/secure/healthz").json()["auth_required"] is True
+
+
+def test_serve_search_flag_and_prefix_clash(tmp_path):
+    from larcq_ray.cli import _config, build_parser
+    from larcq_ray.core.errors import LarcqError
+    from larcq_ray.core.serve_runner import ServeApp, start_apps
+
+    args = build_parser().parse_args(["serve", "--config", str(tmp_path / "none.yaml"), "--search"])
+    (tmp_path / "none.yaml").write_text("run_dir: x\n")
+    assert _config(args).serve.search is True
+    apps = [ServeApp("a", None, "/", "rerank", "/rerank"), ServeApp("b", None, "/", "search", "/")]
+    with pytest.raises(LarcqError, match="route prefixes"):
+        start_apps(apps, "127.0.0.1", 1)
+
+    from larcq_ray.config import PipelineConfig
+    from larcq_ray.search.app import check_index
+
+    with pytest.raises(LarcqError, match="no index in"):
+        check_index(PipelineConfig(run_dir=str(tmp_path / "nothing")))
+    with pytest.raises(LarcqError, match="object-store URI"):
+        check_index(PipelineConfig(run_dir="s3://bucket/run"))
+
+
+def test_audio_is_served_only_for_indexed_recordings(client):
+    for path in ("/audio/c.wav", "/audio/..%2Fb_only.parquet", "/audio/%2Fetc%2Fpasswd"):
+        r = client.get(path)
+        assert r.status_code == 404, (path, r.status_code)
+        assert r.json()["error"]["type"] == "not_found_error"
+    assert client.get("/audio/b.wav", headers={"Range": "bytes=0-3"}).content == b"RIFF"
+
+
+def test_audio_tokens_expire_and_name_one_recording():
+    from larcq_ray.search import audio_tokens
+
+    t = audio_tokens.sign("k", "a.wav", ttl_s=60, now=1000.0)
+    assert audio_tokens.check("k", "a.wav", t, now=1059.0) is None
+    assert "expired" in audio_tokens.check("k", "a.wav", t, now=1061.0)
+    assert "invalid" in audio_tokens.check("k", "b.wav", t, now=1001.0)
+    assert "invalid" in audio_tokens.check("other key", "a.wav", t, now=1001.0)
+    assert "malformed" in audio_tokens.check("k", "a.wav", "abc", now=1001.0)

@@ -65,7 +65,8 @@ class CaptionStageConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", protected_namespaces=())
 
     backend: CaptionBackendConfig = pydantic.Field(default_factory=CaptionBackendConfig)
-    # Which audios: the ids listed in `audio_ids` (a .txt / .csv / .parquet file), else the top
+    # Which audios: the ids listed in `audio_ids` (a .txt / .csv / .parquet file; "index": every
+    # audio of run_dir/index, e.g. for the search service's rerank), else the top
     # `top_n` of mode `mode`'s shortlist (None: the rerank section's values).
     audio_ids: Optional[str] = None
     mode: Optional[str] = None

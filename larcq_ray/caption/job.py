@@ -165,12 +165,24 @@ def unique_audio_ids_from_shortlist(run_dir: str | Path, modes: Iterable[str] | 
     return list(dict.fromkeys(t["audio_id"].astype(str)))
 
 
+INDEX_IDS = "index"  # caption.audio_ids / --audio-ids value: every audio the index holds
+
+
 def run(cfg) -> FileJobSummary:
     """`larcq-ray caption`: caption the listed ids, or the top of the shortlist."""
     from larcq_ray.core.inputs import corpus_root, read_audio_id_list
 
     run_dir, cc = Path(cfg.run_dir), cfg.caption
-    if cc.audio_ids:
+    if cc.audio_ids == INDEX_IDS:  # the whole indexed corpus: captions for /search's rerank
+        from larcq_ray.index.store import IndexStore
+
+        store = IndexStore(run_dir / "index")
+        if not store.exists():
+            raise LarcqError(f"caption.audio_ids: index, but there is no index in {store.root}: run `larcq-ray index`")
+        files = store.read_files().to_pandas()
+        ids = sorted(files.loc[files.status == "ok", "audio_id"].astype(str))
+        source = f"every indexed audio of {store.root}"
+    elif cc.audio_ids:
         ids = read_audio_id_list(cc.audio_ids)
         source = f"listed in {cc.audio_ids}"
     else:

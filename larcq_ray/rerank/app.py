@@ -11,16 +11,13 @@ Three ways in:
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Union
 
 import pydantic
-from ray import serve
 from ray.serve import Application
-from ray.serve.schema import LoggingConfig
 
 from larcq_ray.core.errors import LarcqError
-from larcq_ray.core.ray_session import verbose
+from larcq_ray.core.serve_runner import ServeApp, start_apps, wait_until_stopped
 from larcq_ray.rerank.config import APP_NAME, RerankServeConfig
 from larcq_ray.rerank.router import RerankDeployment
 
@@ -65,16 +62,8 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(cfg)
 
 
-def serve_logging_config() -> LoggingConfig:
-    """Serve's logging for the controller, proxy and replicas that run_server starts.
-
-    Quiet by default: no access log line per request and no INFO lines (deploys, replica starts,
-    route updates); warnings and errors still reach the console. `larcq-ray --verbose`
-    (LARCQ_VERBOSE=1) keeps Serve's defaults: INFO and access logs.
-    """
-    if verbose():
-        return LoggingConfig()
-    return LoggingConfig(log_level="WARNING", enable_access_log=False)
+def rerank_app(cfg: RerankServeConfig, app_name: str = APP_NAME) -> ServeApp:
+    return ServeApp(app_name, lambda: build_app(cfg), cfg.route_prefix, "rerank", "/rerank")
 
 
 def run_server(cfg: RerankServeConfig, blocking: bool = True, app_name: str = APP_NAME) -> str:
@@ -82,51 +71,8 @@ def run_server(cfg: RerankServeConfig, blocking: bool = True, app_name: str = AP
 
     blocking=True serves until Ctrl-C. Joins the current Ray session or starts a local one.
     """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR")
-    logging_config = serve_logging_config()
-    # This process's own Serve logger ("Started Serve", "Application ... is ready", "Deleting
-    # app"): Serve sets it up at import, at INFO, not propagating, so it is leveled here.
-    logging.getLogger("ray.serve").setLevel(logging_config.log_level)
-    # Controller and proxy (applies when this call starts Serve), then the app's replicas.
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
-    try:
-        serve.run(build_app(cfg), name=app_name, route_prefix=cfg.route_prefix, logging_config=logging_config)
-    except LarcqError:
-        raise
-    except Exception as e:  # noqa: BLE001 - e.g. the model failed to load in the replica
-        raise LarcqError(f"the rerank service failed to start: {e}") from e
-    url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-    log.info("rerank service at %s/rerank", url)
+    app = rerank_app(cfg, app_name)
+    base = start_apps([app], cfg.host, cfg.port)
     if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.delete(app_name)
-    return url
-
-
-def serve_until_stopped(cfg) -> None:
-    """`larcq-ray serve`: run the /rerank app until Ctrl-C or SIGTERM; stop a Ray we started."""
-    import os
-    import signal
-
-    import ray
-
-    from larcq_ray.core.ray_session import ensure_ray
-
-    def _stop(signum, frame):  # SIGTERM (container stop, kill) stops as cleanly as Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
-    try:
-        run_server(cfg.serve, blocking=True)  # returns after Ctrl-C, app deleted
-    finally:
-        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-            serve.shutdown()  # our own local Ray: stop it here, not in an interruptible atexit hook
-            ray.shutdown()
-    log.info("re-rank service stopped")
+        wait_until_stopped([app])
+    return base + cfg.route_prefix.rstrip("/")

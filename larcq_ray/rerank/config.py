@@ -72,6 +72,9 @@ class RerankServeConfig(BaseModel):
     # None: taken from $LARCQ_RERANK_API_KEY where the config is built (driver / Serve controller)
     api_key: Optional[str] = None
     batching: bool = True  # False: every request scored alone (benchmark baseline)
+    # `larcq-ray serve` also runs the /search app (search.serve settings, this host:port, under
+    # search.serve.route_prefix); its `rerank: true` then reaches this app through a Serve handle
+    search: bool = False
 
     @pydantic.field_validator("route_prefix")
     @classmethod

@@ -30,7 +30,7 @@ from larcq_ray.rerank.config import RerankJobConfig
 log = logging.getLogger(__name__)
 
 @dataclass
-class _Candidate:
+class Candidate:
     query_id: int
     audio_id: str
     clap_rank: int
@@ -72,8 +72,14 @@ def rerank_in_parts(client: RerankClient, query: str, documents: list[str], limi
             rerank_in_parts(client, query, documents[half:], None)
 
 
-def load_captions(path: Path) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str]]:
-    """(timeline caption, window captions in order, failure reason) per audio id."""
+@dataclass
+class Captions:
+    timeline: dict[str, str]  # audio id -> timeline caption (all windows joined)
+    windows: dict[str, list[str]]  # audio id -> window captions in order
+    failed: dict[str, str]  # audio id -> why it has no caption
+
+
+def load_captions(path: Path) -> Captions:
     t = artifacts.CAPTIONS.read_from(path).to_pandas()
     timeline, windows, failed = {}, defaultdict(list), {}
     for row in t.sort_values(["audio_id", "chunk_index"]).itertuples():
@@ -83,7 +89,50 @@ def load_captions(path: Path) -> tuple[dict[str, str], dict[str, list[str]], dic
             timeline[row.audio_id] = row.caption
         else:
             windows[row.audio_id].append(row.caption)
-    return timeline, dict(windows), failed
+    return Captions(timeline, dict(windows), failed)
+
+
+def rerank_candidates(client: RerankClient, query: str, chunks: list[str], cands: list[Candidate],
+                      captions: Captions, job: RerankJobConfig) -> list[dict]:
+    """One query's candidates (CLAP order) re-scored from their captions and fused, best first.
+
+    Rows: query_id, audio_id, clap_rank, clap_score, rerank_score (NaN: no caption), final_score,
+    rank, note (why a candidate kept its CLAP score). Used by the job and by /search's rerank."""
+    timeline, windows, limit = captions.timeline, captions.windows, job.max_documents
+    captioned = [c for c in cands if c.audio_id in timeline]
+    raw = {c.audio_id: float("nan") for c in cands}
+    if captioned:
+        use_windows = job.match == "windows" and all(windows.get(c.audio_id) for c in captioned)
+        if use_windows:
+            docs, owner = [], []
+            for c in captioned:
+                for w in windows[c.audio_id]:
+                    docs.append(w)
+                    owner.append(c.audio_id)
+            owner = np.asarray(owner, dtype=object)
+            per_chunk = []
+            for chunk in chunks or [query]:
+                s = np.asarray(rerank_in_parts(client, chunk, docs, limit))
+                per_chunk.append([s[owner == c.audio_id].max() for c in captioned])  # best window
+            grid = np.asarray(per_chunk)  # (query chunks, candidates)
+            votes = grid.sum(axis=0) if job.query_vote == "sum" else grid.max(axis=0)
+        else:
+            votes = rerank_in_parts(client, query, [timeline[c.audio_id] for c in captioned], limit)
+        for c, v in zip(captioned, votes):
+            raw[c.audio_id] = float(v)
+    rr = np.array([raw[c.audio_id] for c in cands])
+    final = fuse(np.array([c.clap_score for c in cands]), rr, job.fusion, job.clap_weight)
+    rows = []
+    for c, r_, f in zip(cands, rr, final):
+        why = captions.failed.get(c.audio_id, "audio not captioned")
+        note = "" if np.isfinite(r_) else f"no caption ({why}): kept its CLAP score"
+        rows.append({"query_id": c.query_id, "audio_id": c.audio_id, "clap_rank": c.clap_rank,
+                     "clap_score": c.clap_score, "rerank_score": float(r_), "final_score": float(f), "note": note})
+    # stable: ties keep the CLAP order
+    rows.sort(key=lambda d: (-d["final_score"], d["clap_rank"]))
+    for i, d in enumerate(rows, 1):
+        d["rank"] = i
+    return rows
 
 
 def rerank_shortlist(run_dir: Path, job: RerankJobConfig, client: RerankClient,
@@ -99,16 +148,15 @@ def rerank_shortlist(run_dir: Path, job: RerankJobConfig, client: RerankClient,
     queries = artifacts.QUERIES.read_pandas(run_dir)
     q_text = {int(r.query_id): r.text for r in queries[queries.chunk_index == -1].itertuples()}
     q_chunks = {int(k): list(g.sort_values("chunk_index").text) for k, g in queries[queries.chunk_index >= 0].groupby("query_id")}
-    timeline, windows, failed = load_captions(captions_path or artifacts.CAPTIONS.path(run_dir))
-    limit = job.max_documents
+    captions = load_captions(captions_path or artifacts.CAPTIONS.path(run_dir))
 
-    by_query: dict[int, list[_Candidate]] = defaultdict(list)
+    by_query: dict[int, list[Candidate]] = defaultdict(list)
     for r in short.sort_values(["query_id", "rank"]).itertuples():
-        by_query[int(r.query_id)].append(_Candidate(int(r.query_id), r.audio_id, int(r.rank), float(r.score)))
+        by_query[int(r.query_id)].append(Candidate(int(r.query_id), r.audio_id, int(r.rank), float(r.score)))
 
     def score_query(qid: int) -> list[dict]:
         try:
-            return _score_query(qid)
+            return rerank_candidates(client, q_text[qid], q_chunks.get(qid) or [], by_query[qid], captions, job)
         except Exception as e:  # noqa: BLE001 - one query never ends the job
             reason = user_message(e) or f"{type(e).__name__}: {str(e).strip()[:200]}"
             rows = [{"query_id": qid, "audio_id": c.audio_id, "clap_rank": c.clap_rank, "clap_score": c.clap_score,
@@ -116,42 +164,6 @@ def rerank_shortlist(run_dir: Path, job: RerankJobConfig, client: RerankClient,
                      "note": f"re-rank failed ({reason}): kept its CLAP order"}
                     for c, s in zip(by_query[qid], _normalize(np.array([c.clap_score for c in by_query[qid]])))]
             return rows
-
-    def _score_query(qid: int) -> list[dict]:
-        cands = by_query[qid]
-        captioned = [c for c in cands if c.audio_id in timeline]
-        raw = {c.audio_id: float("nan") for c in cands}
-        if captioned:
-            use_windows = job.match == "windows" and all(windows.get(c.audio_id) for c in captioned)
-            if use_windows:
-                docs, owner = [], []
-                for c in captioned:
-                    for w in windows[c.audio_id]:
-                        docs.append(w)
-                        owner.append(c.audio_id)
-                owner = np.asarray(owner, dtype=object)
-                per_chunk = []
-                for chunk in q_chunks.get(qid) or [q_text[qid]]:
-                    s = np.asarray(rerank_in_parts(client, chunk, docs, limit))
-                    per_chunk.append([s[owner == c.audio_id].max() for c in captioned])  # best window
-                grid = np.asarray(per_chunk)  # (query chunks, candidates)
-                votes = grid.sum(axis=0) if job.query_vote == "sum" else grid.max(axis=0)
-            else:
-                votes = rerank_in_parts(client, q_text[qid], [timeline[c.audio_id] for c in captioned], limit)
-            for c, v in zip(captioned, votes):
-                raw[c.audio_id] = float(v)
-        rr = np.array([raw[c.audio_id] for c in cands])
-        final = fuse(np.array([c.clap_score for c in cands]), rr, job.fusion, job.clap_weight)
-        rows = []
-        for c, r_, f in zip(cands, rr, final):
-            note = "" if np.isfinite(r_) else f"no caption ({failed.get(c.audio_id, 'audio not captioned')}): kept its CLAP score"
-            rows.append({"query_id": qid, "audio_id": c.audio_id, "clap_rank": c.clap_rank, "clap_score": c.clap_score,
-                         "rerank_score": float(r_), "final_score": float(f), "note": note})
-        # stable: ties keep the CLAP order
-        rows.sort(key=lambda d: (-d["final_score"], d["clap_rank"]))
-        for i, d in enumerate(rows, 1):
-            d["rank"] = i
-        return rows
 
     with ThreadPoolExecutor(max_workers=job.concurrency) as pool:
         all_rows = [row for rows in pool.map(score_query, sorted(by_query)) for row in rows]

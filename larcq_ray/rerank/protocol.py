@@ -60,6 +60,7 @@ class RerankResponse(BaseModel):
 ErrorType = Literal[
     "invalid_request_error",  # 400 / 422: body is not JSON or fails validation
     "authentication_error",  # 401
+    "not_found_error",  # 404: /search's audio route: no such indexed recording
     "payload_too_large",  # 413: body bytes or document count over the server limits
     "server_error",  # 500: the backend failed on this request
     "unavailable",  # 503: the backend does not answer the health probe

@@ -8,13 +8,12 @@ Python: `run_server(cfg)`, or `serve.run(build_app(cfg), ...)`.
 from __future__ import annotations
 
 import logging
-import time
+from pathlib import Path
 
-from ray import serve
 from ray.serve import Application
 
 from larcq_ray.core.errors import LarcqError
-from larcq_ray.rerank.app import serve_logging_config
+from larcq_ray.core.serve_runner import ServeApp, start_apps, wait_until_stopped
 from larcq_ray.search.router import SearchDeployment
 from larcq_ray.search.service_config import APP_NAME
 
@@ -31,59 +30,30 @@ def build_app(cfg) -> Application:
     ).bind(cfg)
 
 
+def search_app(cfg, app_name: str = APP_NAME) -> ServeApp:
+    return ServeApp(app_name, lambda: build_app(cfg), cfg.search.serve.route_prefix, "search", "/")
+
+
+def check_index(cfg) -> None:
+    """Say a missing index here, not as a replica that fails to start."""
+    from larcq_ray.core.storage import is_uri
+    from larcq_ray.index.store import IndexStore
+
+    if is_uri(cfg.run_dir):  # every replica reads the index itself: it must be on a path they all see
+        raise LarcqError(f"run_dir {cfg.run_dir!r} is an object-store URI: the search service reads a local or "
+                         "shared-filesystem run_dir; copy its index/ (and captions.parquet) there first")
+    if not IndexStore(Path(cfg.run_dir) / "index").exists():
+        raise LarcqError(f"no index in {Path(cfg.run_dir) / 'index'}: run `larcq-ray index` first")
+
+
 def run_server(cfg, blocking: bool = True, app_name: str = APP_NAME) -> str:
     """Start Serve on search.serve.host:port with the search app; returns its base URL.
 
     blocking=True serves until Ctrl-C. Joins the current Ray session or starts a local one.
     """
-    import ray
-
     sc = cfg.search.serve
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR")
-    logging_config = serve_logging_config()
-    logging.getLogger("ray.serve").setLevel(logging_config.log_level)
-    serve.start(http_options={"host": sc.host, "port": sc.port}, logging_config=logging_config)
-    try:
-        serve.run(build_app(cfg), name=app_name, route_prefix=sc.route_prefix, logging_config=logging_config)
-    except LarcqError:
-        raise
-    except Exception as e:  # noqa: BLE001 - e.g. no index, or the model failed to load in the replica
-        raise LarcqError(f"the search service failed to start: {e}") from e
-    url = f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"
-    log.info("search service at %s/search", url)
+    app = search_app(cfg, app_name)
+    base = start_apps([app], sc.host, sc.port)
     if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.delete(app_name)
-    return url
-
-
-def serve_until_stopped(cfg) -> None:
-    """`larcq-ray serve-search`: run the /search app until Ctrl-C or SIGTERM; stop a Ray we started."""
-    import os
-    import signal
-
-    import ray
-
-    from larcq_ray.core.ray_session import ensure_ray
-    from larcq_ray.index.store import IndexStore
-    from pathlib import Path
-
-    if not IndexStore(Path(cfg.run_dir) / "index").exists():  # say it here, not as a replica crash
-        raise LarcqError(f"no index in {Path(cfg.run_dir) / 'index'}: run `larcq-ray index` first")
-
-    def _stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
-    try:
-        run_server(cfg, blocking=True)
-    finally:
-        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-            serve.shutdown()
-            ray.shutdown()
-    log.info("search service stopped")
+        wait_until_stopped([app])
+    return base + sc.route_prefix.rstrip("/")

@@ -1,8 +1,8 @@
 """Wire format of the /search service.
 
-Request:  {"query": str, "top_k"?: int, "mode"?: str}
+Request:  {"query": str, "top_k"?: int, "mode"?: str, "rerank"?: bool}
 Response: {"query", "mode", "chunks": [str], "n_audios", "results": [{"rank", "audio_id", "score",
-           "windows": [{"chunk", "text", "start_s", "end_s", "similarity"}]}]}
+           "audio_url", "windows": [{"chunk", "text", "start_s", "end_s", "similarity"}]}]}
 Errors:   the /rerank service's {"error": {"message", "type", "field"}} (larcq_ray.rerank.protocol).
 """
 
@@ -22,6 +22,8 @@ class SearchRequest(BaseModel):
     query: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
     top_k: Optional[int] = Field(default=None, ge=1)  # None: search.serve.default_top_k; max: max_top_k
     mode: Optional[str] = None  # a scoring mode (search/config.MODES); None: the service's default
+    # re-order the top_k through the re-rank service, comparing the query with stored captions
+    rerank: bool = False
 
     @field_validator("mode")
     @classmethod
@@ -44,6 +46,13 @@ class SearchResult(BaseModel):
     audio_id: str
     score: float  # the mode's vote score, higher = better
     windows: list[Window]  # empty for modes that score whole files (none, query-max, query-sum)
+    # with rerank: score is the fused score (rerank settings of the config); these say how it came
+    clap_rank: Optional[int] = None
+    clap_score: Optional[float] = None
+    rerank_score: Optional[float] = None  # None: the audio has no caption and kept its CLAP score
+    note: str = ""  # why (no caption, captioning failed)
+    # GET it to hear the recording (Range supported); with an API key it carries a short-lived token
+    audio_url: Optional[str] = None
 
 
 class SearchResponse(BaseModel):
@@ -53,6 +62,8 @@ class SearchResponse(BaseModel):
     truncated: bool  # the query was longer than the text tower's limit (it was cut, not refused)
     n_audios: int  # audios in the index
     results: list[SearchResult]  # best first
+    reranked: bool = False
+    uncaptioned: list[str] = []  # with rerank: results that had no caption (they kept their CLAP score)
 
 
 class SearchHealthResponse(BaseModel):
@@ -60,3 +71,6 @@ class SearchHealthResponse(BaseModel):
     model: str
     n_audios: int
     modes: list[str]  # the modes this index supports
+    default_mode: str  # the mode of a request that names none
+    auth_required: bool  # /search needs Authorization: Bearer <key>
+    n_captioned: int  # audios with stored captions (rerank: true re-orders only those)

@@ -1,8 +1,15 @@
 """HTTP side of the /search service: a FastAPI app served as a Ray Serve ingress deployment.
 
 Routes (relative to the application's route_prefix):
-  POST /search   SearchRequest -> SearchResponse        (Bearer auth when an api_key is set)
-  GET  /healthz  {"status": "ok", "model", "n_audios", "modes"} (no auth: for load-balancer probes)
+  POST /search         SearchRequest -> SearchResponse   (Bearer auth when an api_key is set)
+                       rerank: true re-orders the top_k through the re-rank service (rerank.endpoint;
+                       default the larcq-rerank app of this Serve instance) from stored captions
+  GET  /healthz        {"status": "ok", "model", "n_audios", "modes", "default_mode", "auth_required",
+                        "n_captioned"}
+                       (no auth: for load-balancer probes and the page)
+  GET  /               the search page (search/page.html; no auth: it asks for the key itself)
+  GET  /audio/{id}     an indexed recording, streamed from the corpus with HTTP Range (206); with an
+                       api_key it needs the signed token of a /search answer's audio_url, or Bearer
 
 Each replica loads CLAP's text tower and run_dir/index once (the whole index in memory) and answers
 a query as `larcq-ray search --query` does: the same chunking (search.query_chunking / query_joins),
@@ -13,20 +20,27 @@ Errors have the /rerank service's shape {"error": {"message", "type", "field"}} 
   413 body over max_body_bytes, or a query over max_query_chars (field "query")
   422 schema errors (empty query, unknown mode, top_k < 1 or not an int), top_k over max_top_k,
       a mode the index cannot score (whole-file modes on an index without whole-file embeddings)
+  503 rerank asked but the re-rank service cannot be reached or fails
+  404 /audio of an id the index does not hold (only indexed recordings under the corpus root are
+      served: never a path outside it), or whose file has gone
 """
 
 # No `from __future__ import annotations`: FastAPI must see `request: Request` as the class, not a string.
 import asyncio
+import functools
 import json
 import logging
+import mimetypes
 import threading
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,6 +56,7 @@ from larcq_ray.rerank.router import (
     error_response,
     read_body,
 )
+from larcq_ray.search import audio_tokens
 from larcq_ray.search.config import MODES
 from larcq_ray.search.protocol import SearchHealthResponse, SearchRequest, SearchResponse, SearchResult, Window
 
@@ -85,10 +100,17 @@ class SearchEngine:
         from larcq_ray.search.results import load_chunk_times
         from larcq_ray.search.scoring import _SIDES
 
+        from larcq_ray.core.inputs import corpus_root
+
         self.cfg = cfg
         store = IndexStore(Path(cfg.run_dir) / "index")
         check_index_model(cfg, store)
         self.audios = store.load_embeddings()
+        self._indexed = set(self.audios.audio_ids)
+        try:
+            self.corpus_root: Optional[Path] = corpus_root(cfg.data).resolve()
+        except LarcqError:  # no data section here: search works, /audio answers 404
+            self.corpus_root = None
         self.times = load_chunk_times(store, self.audios)
         m = cfg.model
         self.encoder = ClapTextEncoder(m.name_or_path, m.device, m.dtype, m.local_files_only, adapter=m.adapter)
@@ -104,11 +126,55 @@ class SearchEngine:
             raise LarcqError(f"the default mode {self.default_mode!r} needs whole-file embeddings, which the "
                              f"index in {store.root} lacks; set search.serve.default_mode to one of {self.modes}")
         self.model_name = m.name_or_path
+        self.captions = self._load_captions(cfg)
         self._lock = threading.Lock()  # one query at a time through the model and the scorer
+
+    @staticmethod
+    def _load_captions(cfg):
+        """Stored captions for rerank (search.serve.captions, else run_dir's captions.parquet); None if none."""
+        from larcq_ray import artifacts
+        from larcq_ray.rerank.job import load_captions
+
+        path = cfg.search.serve.captions or artifacts.CAPTIONS.path(cfg.run_dir)
+        if cfg.search.serve.captions is None and not artifacts.CAPTIONS.exists(cfg.run_dir):
+            return None
+        return load_captions(path)
+
+    def rerank(self, response: SearchResponse, client) -> SearchResponse:
+        """Re-order `response`'s results from their captions, as `larcq-ray rerank` does (cfg.rerank)."""
+        from larcq_ray.rerank.job import Candidate, Captions, rerank_candidates
+
+        captions = self.captions or Captions({}, {}, {})
+        cands = [Candidate(0, r.audio_id, r.rank, r.score) for r in response.results]
+        chunks = response.chunks if len(response.chunks) > 1 else []
+        rows = rerank_candidates(client, response.query, chunks, cands, captions, self.cfg.rerank)
+        by_id = {r.audio_id: r for r in response.results}
+        results = []
+        for row in rows:
+            r = by_id[row["audio_id"]]
+            rr = row["rerank_score"]
+            note = row["note"] if self.captions is not None else \
+                "no caption (the service has no stored captions: run `larcq-ray caption`): kept its CLAP score"
+            results.append(r.model_copy(update={
+                "rank": row["rank"], "score": row["final_score"], "clap_rank": row["clap_rank"],
+                "clap_score": row["clap_score"], "rerank_score": rr if np.isfinite(rr) else None,
+                "note": "" if np.isfinite(rr) else note}))
+        return response.model_copy(update={
+            "results": results, "reranked": True,
+            "uncaptioned": [r.audio_id for r in results if r.rerank_score is None]})
 
     @property
     def n_audios(self) -> int:
         return len(self.audios.audio_ids)
+
+    def audio_path(self, audio_id: str) -> Path:
+        """The file of an indexed recording, inside the corpus root; ApiError 404 otherwise."""
+        if audio_id not in self._indexed or self.corpus_root is None:
+            raise ApiError(404, f"no indexed audio {audio_id!r}", "not_found_error", "audio_id")
+        path = (self.corpus_root / audio_id).resolve()
+        if not path.is_relative_to(self.corpus_root) or not path.is_file():  # a symlink out, or gone
+            raise ApiError(404, f"the file of audio {audio_id!r} is not in the corpus", "not_found_error", "audio_id")
+        return path
 
     def search(self, text: str, top_k: int, mode: str) -> SearchResponse:
         import torch
@@ -144,6 +210,11 @@ class SearchEngine:
                               n_audios=self.n_audios, results=[results[i] for i in sorted(results)])
 
 
+@functools.cache
+def _page() -> str:
+    return resources.files("larcq_ray.search").joinpath("page.html").read_text(encoding="utf-8")
+
+
 _SEARCH_OPENAPI = {
     "requestBody": {
         "required": True,
@@ -161,6 +232,21 @@ class SearchDeployment:
         self.cfg = cfg
         self.serve_cfg = cfg.search.serve
         self.engine = SearchEngine(cfg)
+        self._rerank_client = None
+
+    def rerank_client(self):
+        """The re-rank service, found on first use (its app may start after this one)."""
+        if self._rerank_client is None:
+            from larcq_ray.rerank.clients import SERVE_SCHEME, make_client
+            from larcq_ray.rerank.config import APP_NAME as RERANK_APP
+
+            endpoint = self.cfg.rerank.endpoint or SERVE_SCHEME + RERANK_APP
+            try:
+                self._rerank_client = make_client(endpoint, self.cfg.rerank.api_key)
+            except LarcqError as e:
+                raise ApiError(503, f"re-ranking is unavailable ({e}); run both apps with `larcq-ray serve "
+                                    "--search` or set rerank.endpoint", "unavailable", "rerank")
+        return self._rerank_client
 
     @fastapi_app.post("/search", response_model=SearchResponse, openapi_extra=_SEARCH_OPENAPI,
                       responses={c: {"model": ErrorResponse} for c in (400, 401, 413, 422, 500)})
@@ -180,11 +266,49 @@ class SearchDeployment:
             raise ApiError(422, f"mode: {mode!r} needs whole-file embeddings, which this index lacks; "
                                 f"valid here: {', '.join(self.engine.modes)}", "invalid_request_error", "mode")
         try:
-            return await asyncio.to_thread(self.engine.search, req.query, top_k, mode)
+            response = await asyncio.to_thread(self.engine.search, req.query, top_k, mode)
         except LarcqError as e:  # the query itself is unusable (e.g. nothing left after normalizing)
             raise ApiError(422, str(e), "invalid_request_error", "query")
+        if req.rerank:
+            client = await asyncio.to_thread(self.rerank_client)
+            try:
+                response = await asyncio.to_thread(self.engine.rerank, response, client)
+            except LarcqError as e:  # the re-rank service failed: not the request's fault
+                raise ApiError(503, f"re-ranking failed: {e}", "unavailable", "rerank")
+        for r in response.results:
+            r.audio_url = self.audio_url(r.audio_id)
+        return response
 
     @fastapi_app.get("/healthz", response_model=SearchHealthResponse)
     async def healthz(self) -> Any:
         e = self.engine
-        return SearchHealthResponse(status="ok", model=e.model_name, n_audios=e.n_audios, modes=e.modes)
+        return SearchHealthResponse(status="ok", model=e.model_name, n_audios=e.n_audios, modes=e.modes,
+                                    default_mode=e.default_mode, auth_required=self.serve_cfg.api_key is not None,
+                                    n_captioned=len(e.captions.timeline) if e.captions else 0)
+
+    @fastapi_app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self, request: Request) -> Any:
+        if not request.url.path.endswith("/"):  # the page fetches search/ and healthz relative to itself
+            return RedirectResponse(request.url.path + "/", status_code=308)
+        return HTMLResponse(_page())
+
+    @fastapi_app.get("/audio/{audio_id:path}", response_class=FileResponse,
+                     responses={c: {"model": ErrorResponse} for c in (401, 404)})
+    async def audio(self, audio_id: str, request: Request, token: Optional[str] = None) -> Any:
+        key = self.serve_cfg.api_key
+        if key is not None and not request.headers.get("authorization"):
+            why = audio_tokens.check(key, audio_id, token)
+            if why:
+                raise ApiError(401, why, "authentication_error", "token")
+        else:
+            check_bearer(request, key)
+        path = self.engine.audio_path(audio_id)
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type)  # answers Range with 206, a bad range with 416
+
+    def audio_url(self, audio_id: str) -> str:
+        sc = self.serve_cfg
+        url = f"{sc.route_prefix.rstrip('/')}/audio/{quote(audio_id)}"
+        if sc.api_key is not None:
+            url += "?token=" + audio_tokens.sign(sc.api_key, audio_id, sc.audio_link_ttl_s)
+        return url

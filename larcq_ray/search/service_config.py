@@ -29,6 +29,10 @@ class SearchServeConfig(BaseModel):
     default_top_k: int = Field(10, ge=1)
     # the mode used when a request names none; None -> search.report_mode()
     default_mode: Optional[str] = None
+    # captions for `rerank: true` (a captions.parquet); None: run_dir's, if the caption job wrote one
+    captions: Optional[str] = None
+    # lifetime of the signed audio links in /search answers when an api_key is set
+    audio_link_ttl_s: int = Field(900, ge=1)
     # None: taken from $LARCQ_SEARCH_API_KEY where the config is built (driver / Serve controller)
     api_key: Optional[str] = None
 

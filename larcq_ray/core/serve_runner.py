@@ -1,0 +1,107 @@
+"""Start Ray Serve apps and keep them up: one runner for the /rerank and /search services.
+
+`larcq-ray serve` runs /rerank; `larcq-ray serve --search` runs /search beside it on the same HTTP
+proxy (one Serve instance, one host:port, each app under its own route prefix); `larcq-ray
+serve-search` runs /search alone. The apps build their Serve applications; this module starts Serve
+quietly, deploys them, waits for Ctrl-C or SIGTERM and stops a local Ray it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.core.ray_session import verbose
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeApp:
+    name: str  # the Serve application name (serve.delete / get_app_handle)
+    build: Any  # () -> ray.serve.Application; called after Serve has started (it may read the cluster)
+    route_prefix: str
+    what: str  # for messages: "rerank", "search"
+    entry: str  # the main path, for the log line: "/rerank"
+
+
+def serve_logging_config():
+    """Serve's logging for the controller, proxy and replicas started here.
+
+    Quiet by default: no access log line per request and no INFO lines (deploys, replica starts,
+    route updates); warnings and errors still reach the console. `larcq-ray --verbose`
+    (LARCQ_VERBOSE=1) keeps Serve's defaults: INFO and access logs.
+    """
+    from ray.serve.schema import LoggingConfig
+
+    if verbose():
+        return LoggingConfig()
+    return LoggingConfig(log_level="WARNING", enable_access_log=False)
+
+
+def start_apps(apps: list[ServeApp], host: str, port: int) -> str:
+    """Start Serve on host:port (joining the current Ray session, or a local one) and deploy `apps`;
+    returns the base URL. Serve's HTTP options are fixed by whoever started Serve first."""
+    import ray
+    from ray import serve
+
+    prefixes = [a.route_prefix.rstrip("/") or "/" for a in apps]
+    if len(set(prefixes)) < len(prefixes):
+        raise LarcqError(f"the {' and '.join(a.what for a in apps)} apps would both answer under {prefixes[0]!r}: "
+                         "give them different route prefixes (e.g. --set search.serve.route_prefix=/find)")
+    if not ray.is_initialized():
+        ray.init(logging_level="ERROR")
+    logging_config = serve_logging_config()
+    # This process's own Serve logger ("Started Serve", "Application ... is ready", "Deleting
+    # app"): Serve sets it up at import, at INFO, not propagating, so it is leveled here.
+    logging.getLogger("ray.serve").setLevel(logging_config.log_level)
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    for app in apps:
+        try:
+            serve.run(app.build(), name=app.name, route_prefix=app.route_prefix, logging_config=logging_config)
+        except LarcqError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. the model or the index failed to load in the replica
+            raise LarcqError(f"the {app.what} service failed to start: {e}") from e
+        log.info("%s service at http://%s:%s%s%s", app.what, host, port, app.route_prefix.rstrip("/"), app.entry)
+    return f"http://{host}:{port}"
+
+
+def wait_until_stopped(apps: list[ServeApp]) -> None:
+    """Block until Ctrl-C, then delete `apps`."""
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        for app in apps:
+            serve.delete(app.name)
+
+
+def serve_until_stopped(apps: list[ServeApp], host: str, port: int, ray_address: str | None,
+                        ray_num_cpus: int | None) -> None:
+    """Run `apps` until Ctrl-C or SIGTERM; stop a local Ray started here."""
+    import ray
+    from ray import serve
+
+    from larcq_ray.core.ray_session import ensure_ray
+
+    def _stop(signum, frame):  # SIGTERM (container stop, kill) stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    ensure_ray(ray_address, ray_num_cpus)
+    try:
+        start_apps(apps, host, port)
+        wait_until_stopped(apps)
+    finally:
+        if not (ray_address or os.environ.get("RAY_ADDRESS")):
+            serve.shutdown()  # our own local Ray: stop it here, not in an interruptible atexit hook
+            ray.shutdown()
+    log.info("%s stopped", " and ".join(f"{a.what} service" for a in apps))
