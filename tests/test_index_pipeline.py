@@ -126,7 +126,9 @@ def test_fixed_files_are_retried_edited_ones_reindexed_deleted_ones_dropped(ray_
     for i in range(3):
         sf.write(d / f"a{i}.wav", tone(3.0, 48000, freq=300 + 100 * i), 48000)
     (d / "bad.wav").write_text("not audio\n" * 10)  # unreadable: can change without an edit, retried every run
-    sf.write(d / "silent.wav", np.zeros(48000, dtype=np.float32), 48000)  # its content: retried only if edited
+    nan = tone(1.0, 48000)
+    nan[100:110] = np.nan
+    sf.write(d / "nan.wav", nan, 48000, subtype="FLOAT")  # invalid samples, its content: retried only if edited
     cfg = make_cfg(tmp_path / "run", d, tiny_clap)
     first = run_index(cfg, show_progress=False)
     assert (first.done, first.failed) == (3, 2)
@@ -139,7 +141,7 @@ def test_fixed_files_are_retried_edited_ones_reindexed_deleted_ones_dropped(ray_
     (d / "a2.wav").unlink()  # deleted
     second = run_index(cfg, show_progress=False)
     # a1 indexed again; bad.wav retried (unreadable can change without an edit) and still failing;
-    # a0 and silent.wav (silence is its content) skipped
+    # a0 and nan.wav (its samples are its content) skipped
     assert (second.done, second.failed, second.skipped) == (1, 1, 2)
     text = "\n".join(second.lines())
     assert "1 file(s) no longer in the corpus" in text and "1 file(s) changed" in text and "1 file(s) that failed" in text
@@ -148,9 +150,9 @@ def test_fixed_files_are_retried_edited_ones_reindexed_deleted_ones_dropped(ray_
     third = run_index(cfg, show_progress=False)
     assert (third.done, third.failed, third.skipped) == (1, 0, 3)
 
-    assert sorted(store.read_files().column("audio_id").to_pylist()) == ["a0.wav", "a1.wav", "bad.wav", "silent.wav"]
+    assert sorted(store.read_files().column("audio_id").to_pylist()) == ["a0.wav", "a1.wav", "bad.wav", "nan.wav"]
     after = store.load_embeddings()
-    assert after.audio_ids == ["a0.wav", "a1.wav", "bad.wav"]  # a2 no longer searchable, silent never was
+    assert after.audio_ids == ["a0.wav", "a1.wav", "bad.wav"]  # a2 no longer searchable, nan.wav never was
     chunks = store.read_chunks().to_pandas()
     assert not chunks.duplicated(["audio_id", "chunk_index"]).any()
     old = dict(zip(before.audio_ids, before.whole_emb))
@@ -159,7 +161,7 @@ def test_fixed_files_are_retried_edited_ones_reindexed_deleted_ones_dropped(ray_
     assert not np.allclose(new["a1.wav"], old["a1.wav"])  # the edited file's new sound, not its old one
 
     fourth = run_index(cfg, show_progress=False)
-    assert (fourth.done, fourth.failed, fourth.skipped) == (0, 0, 4)  # silent.wav is not retried unchanged
+    assert (fourth.done, fourth.failed, fourth.skipped) == (0, 0, 4)  # nan.wav is not retried unchanged
 
 
 def test_reindexing_with_another_adapter_is_refused(ray_session, tiny_clap, tmp_path):
@@ -171,3 +173,75 @@ def test_reindexing_with_another_adapter_is_refused(ray_session, tiny_clap, tmp_
     other = other.model_copy(update={"model": other.model.model_copy(update={"adapter": str(tmp_path / "lora")})})
     with pytest.raises(LarcqError, match="built with other settings.*adapter"):
         run_index(other, show_progress=False)
+
+
+def test_corpus_entries_that_cannot_be_accepted_fail_alone(ray_session, tiny_clap, tmp_path, monkeypatch, caplog):
+    """A link outside the root, a name that is not UTF-8, a folder that cannot be listed, a file
+    gone before decoding: one failed row each, the good files indexed, `larcq-ray index` exits 0."""
+    import logging
+    import os
+
+    import yaml
+
+    from larcq_ray.cli import main
+    from larcq_ray.index import job
+    from larcq_ray.index.job import plan_resume
+    from larcq_ray.index.store import file_stat
+    from test_inputs import _bytes_name_ok, _lock
+
+    d, out = tmp_path / "c", tmp_path / "out"
+    (d / "sub").mkdir(parents=True)
+    (d / "locked").mkdir()
+    out.mkdir()
+    for i, p in enumerate([d / "good.wav", d / "sub" / "b.wav", d / "locked" / "c.wav", d / "gone.wav",
+                           out / "o.wav"]):
+        sf.write(p, tone(2.0, 48000, freq=300 + 100 * i), 48000)
+    (d / "link.wav").symlink_to(out / "o.wav")  # good audio, but outside the root
+    expect = {"good.wav": "", "sub/b.wav": "", "link.wav": "outside", "locked/": "unreadable",
+              "gone.wav": "missing"}
+    if _bytes_name_ok(d):
+        sf.write(os.fsencode(str(d)) + b"/bad\xff.wav", tone(2.0, 48000), 48000, format="WAV")
+        expect["bad\\xff.wav"] = "invalid name"
+    _lock(monkeypatch, d / "locked")  # chmod 000 would not stop root (CI)
+    real_list = job.list_corpus
+
+    def list_then_delete(data):  # the file vanishes between listing and decoding
+        refs = real_list(data)
+        (d / "gone.wav").unlink()
+        return refs
+
+    monkeypatch.setattr(job, "list_corpus", list_then_delete)
+    cfg = make_cfg(tmp_path / "run", d, tiny_clap)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with caplog.at_level(logging.INFO, logger="larcq_ray"):
+        assert main(["index", "--config", str(tmp_path / "c.yaml")]) == 0
+    n_bad = len(expect) - 2
+    assert f"2 indexed, {n_bad} failed" in caplog.text
+    assert "cannot be indexed (recorded as failed)" in caplog.text
+
+    store = IndexStore(tmp_path / "run" / "index")
+    files = store.read_files().to_pandas().set_index("audio_id")
+    assert sorted(files.index) == sorted(expect)
+    for aid, kind in expect.items():
+        row = files.loc[aid]
+        assert (row.status, row.error.split(":", 1)[0]) == (("failed", kind) if kind else ("ok", "")), (aid, row.error)
+    assert set(store.load_embeddings().audio_ids) == {"good.wav", "sub/b.wav"}  # o.wav never decoded
+
+    # Next run: the folder still cannot be listed (retried, still failing), the link is now a real
+    # file (indexed), the bad name has not changed (skipped, same id), gone.wav is dropped.
+    monkeypatch.setattr(job, "list_corpus", real_list)
+    (d / "link.wav").unlink()
+    sf.write(d / "link.wav", tone(2.0, 48000, freq=1500), 48000)
+    again = run_index(cfg, show_progress=False)
+    assert (again.done, again.failed, again.skipped) == (1, 1, len(expect) - 3)  # good, sub/b (, bad name)
+    assert dict(again.reasons) == {"unreadable": 1}
+    text = "\n".join(again.lines())
+    assert "1 file(s) no longer in the corpus" in text and "2 file(s) that failed for a reason that can change" in text
+    files = store.read_files().to_pandas().set_index("audio_id")
+    assert files.loc["link.wav", "status"] == "ok" and "gone.wav" not in files.index
+
+    # Once the folder can be listed, its files are indexed and its row is dropped.
+    monkeypatch.undo()
+    refs = job.list_corpus(cfg.data)
+    todo, _, _, gone = plan_resume(store, refs, {r.audio_id: file_stat(r.path) for r in refs if not r.reject})
+    assert [r.audio_id for r in todo] == ["locked/c.wav"] and gone == ["locked/"]

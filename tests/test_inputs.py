@@ -98,3 +98,90 @@ def test_query_chunking_modes(tmp_path):
     assert query_chunks(qs[1], "columns") == (["lonely"], True)  # no splits: the query itself, flagged
     assert split_sentences("a dog barks, rain falls on a roof, a car passes by") == [
         "a dog barks", "rain falls on a roof", "a car passes by"]
+
+
+def _bytes_name_ok(folder) -> bool:
+    """Whether this file system takes a file name that is not UTF-8 (Linux does, macOS does not)."""
+    import os
+
+    try:
+        open(os.fsencode(str(folder)) + b"/probe\xff.wav", "wb").close()
+    except OSError:
+        return False
+    os.remove(os.fsencode(str(folder)) + b"/probe\xff.wav")
+    return True
+
+
+def _lock(monkeypatch, folder):
+    """Make `folder` unlistable, as chmod 000 would (CI runs as root, where chmod does not stop reads)."""
+    import os
+
+    real = os.scandir
+    locked = os.path.realpath(folder)
+
+    def scandir(path=".", *a, **k):
+        if os.path.abspath(os.fspath(path)) == locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_entries_that_cannot_be_accepted_are_rejected_one_by_one(tmp_path, monkeypatch):
+    import os
+
+    root, out = tmp_path / "c", tmp_path / "out"
+    (root / "sub").mkdir(parents=True)
+    (root / "locked").mkdir()
+    out.mkdir()
+    for p in [root / "a.wav", root / "sub" / "b.wav", root / "locked" / "c.wav", out / "o.wav"]:
+        p.write_bytes(b"x")
+    (root / "link.wav").symlink_to(out / "o.wav")  # leads outside: never followed
+    (root / "sub" / "in.wav").symlink_to(root / "a.wav")  # inside: the same file, one id
+    (root / "loop.wav").symlink_to("loop.wav")
+    (root / "back\\slash.wav").write_bytes(b"x")  # ids read '\' as '/': this name cannot be an id
+    bytes_names = _bytes_name_ok(root)
+    if bytes_names:
+        open(os.fsencode(str(root)) + b"/bad\xff.wav", "wb").close()
+        (root / "bad\\xff.wav").write_bytes(b"x")  # looks like the escaped id above; must not share it
+    _lock(monkeypatch, root / "locked")
+
+    refs = {r.audio_id: r for r in list_corpus(DataConfig(corpus=str(root)))}
+    assert {a for a, r in refs.items() if not r.reject} == {"a.wav", "sub/b.wav"}
+    assert refs["a.wav"].path == str((root / "a.wav").resolve())
+    got = {a: r.reject.split(":", 1)[0] for a, r in refs.items() if r.reject}
+    want = {"link.wav": "outside", "loop.wav": "unreadable", "locked/": "unreadable",
+            "back\\x5cslash.wav": "invalid name"}
+    if bytes_names:
+        want.update({"bad\\xff.wav": "invalid name", "bad\\x5cxff.wav": "invalid name"})
+    assert got == want
+    assert "outside the corpus root" in refs["link.wav"].reject and str(out / "o.wav") in refs["link.wav"].reject
+    assert "Permission denied" in refs["locked/"].reject
+    for r in refs.values():  # every id and reason can be written as UTF-8 (Parquet); none is decoded
+        r.audio_id.encode("utf-8"), r.reject.encode("utf-8")
+        assert (r.path == "") == bool(r.reject)
+    assert list(refs) == sorted(refs)
+
+    # The root itself cannot be listed: a problem with the corpus as a whole.
+    _lock(monkeypatch, root)
+    with pytest.raises(LarcqError, match="cannot list the corpus folder"):
+        list_corpus(DataConfig(corpus=str(root)))
+
+
+def test_list_file_lines_outside_the_root_are_rejected(tmp_path):
+    root, out = tmp_path / "c", tmp_path / "out"
+    root.mkdir()
+    out.mkdir()
+    (root / "a.wav").write_bytes(b"x")
+    (out / "o.wav").write_bytes(b"x")
+    (root / "link.wav").symlink_to(out / "o.wav")
+    lst = write(root / "list.txt", f"a.wav\n../out/o.wav\n{out / 'o.wav'}\nlink.wav\n{root / 'a.wav'}\nmissing.wav\n")
+    refs = {r.audio_id: r for r in list_corpus(DataConfig(corpus=str(lst)))}
+    assert {a: r.reject.split(":", 1)[0] for a, r in refs.items()} == {
+        "a.wav": "", "missing.wav": "",  # missing: decoding says so
+        "../out/o.wav": "outside", str(out / "o.wav"): "outside", "link.wav": "outside"}
+
+    # Nothing at all that can be accepted: the corpus as a whole is wrong.
+    only_out = write(root / "out.txt", f"{out / 'o.wav'}\n")
+    with pytest.raises(LarcqError, match="no audio file of the corpus .* can be indexed: 1 entry rejected"):
+        list_corpus(DataConfig(corpus=str(only_out)))

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import fuzz_openapi
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.rerank.app import app_builder, run_server
 from larcq_ray.rerank.config import API_KEY_ENV, RerankBackendConfig, RerankServeConfig
@@ -207,3 +208,73 @@ def test_app_builder_validates_args():
     assert app is not None
     with pytest.raises(LarcqError, match="bogus"):
         app_builder({"bogus": 1})
+
+
+# -- existing clients, unmodified ----------------------------------------------------------------
+CLIENT_DOCS = ["a dog is barking loudly", "rain falls on a tin roof", "a car passes by on a wet street"]
+
+
+def _check_ranking(results, expect_docs: bool) -> None:
+    """Results as the client parsed them: rain first, indices into CLIENT_DOCS, scores descending."""
+    assert [r.index for r in results][0] == 1
+    scores = [r.relevance_score for r in results]
+    assert scores == sorted(scores, reverse=True) and len(results) == 2
+    if expect_docs:
+        assert results[0].document.text == CLIENT_DOCS[1]
+
+
+def test_cohere_sdk_v1_and_v2(base_url):
+    import cohere
+
+    v1 = cohere.Client(api_key=API_KEY, base_url=base_url + "/secure")
+    r = v1.rerank(model="rerank-english-v3.0", query="heavy rain", documents=CLIENT_DOCS, top_n=2,
+                  return_documents=True, max_chunks_per_doc=10)
+    _check_ranking(r.results, expect_docs=True)
+    assert r.id and r.meta.billed_units.search_units == 1
+    # v1's structured documents, ranked on the fields named
+    r = v1.rerank(model="rerank-english-v3.0", query="heavy rain", top_n=2, rank_fields=["title", "body"],
+                  documents=[{"title": "dogs", "body": d} if i != 1 else {"title": "weather", "body": d}
+                             for i, d in enumerate(CLIENT_DOCS)])
+    assert r.results[0].index == 1
+
+    v2 = cohere.ClientV2(api_key=API_KEY, base_url=base_url + "/secure")
+    r = v2.rerank(model="rerank-v3.5", query="heavy rain", documents=CLIENT_DOCS, top_n=2, max_tokens_per_doc=512)
+    _check_ranking(r.results, expect_docs=False)
+    assert r.meta.billed_units.search_units == 1
+
+    bad = cohere.ClientV2(api_key="wrong", base_url=base_url + "/secure")
+    with pytest.raises(cohere.core.api_error.ApiError) as e:
+        bad.rerank(model="rerank-v3.5", query="rain", documents=CLIENT_DOCS)
+    assert e.value.status_code == 401
+
+
+@pytest.mark.parametrize("model", ["cohere/rerank-english-v3.0", "jina_ai/jina-reranker-v2-base-multilingual",
+                                   "hosted_vllm/larcq"])
+def test_litellm_rerank_providers(base_url, model, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the cost map
+    import litellm
+
+    r = litellm.rerank(model=model, query="heavy rain", documents=CLIENT_DOCS, top_n=2,
+                       api_base=base_url + "/secure", api_key=API_KEY)
+    results = r.results
+    assert [x["index"] for x in results][0] == 1 and len(results) == 2
+    assert results[0]["relevance_score"] >= results[1]["relevance_score"]
+
+
+# -- no 5xx from a request's content: the OpenAPI schema fuzzed, and parser attacks ----------------
+def test_fuzzed_requests_never_get_a_5xx(base_url):
+    done = fuzz_openapi(base_url, max_examples=30)
+    assert {"POST /rerank", "POST /v1/rerank", "POST /v2/rerank", "GET /healthz"} <= set(done), done
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 5000 + b"]" * 5000,  # Python's parser would hit its recursion limit
+    b'{"query": "q", "documents": ' + b"[" * 40 + b'"x"' + b"]" * 40 + b"}",
+    b'{"query": "q", "documents": ["a"], "top_n": ' + b"9" * 5000 + b"}",  # over int's digit limit
+    b'{"query": "q", "documents": ["a"], "top_n": NaN}',
+    b"\xff\xfe not utf-8",
+])
+def test_parser_attacks_get_a_4xx_with_the_error_shape(base_url, body):
+    r = httpx.post(base_url + "/v1/rerank", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
+    assert r.json()["error"]["type"] == "invalid_request_error"

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from conftest import SEARCH_API_KEY as API_KEY
+from conftest import fuzz_openapi
 from conftest import SEARCH_QUERY as QUERY
 
 
@@ -165,3 +166,10 @@ def test_audio_tokens_expire_and_name_one_recording():
     assert "invalid" in audio_tokens.check("k", "b.wav", t, now=1001.0)
     assert "invalid" in audio_tokens.check("other key", "a.wav", t, now=1001.0)
     assert "malformed" in audio_tokens.check("k", "a.wav", "abc", now=1001.0)
+
+
+def test_fuzzed_requests_never_get_a_5xx(search_service):
+    done = fuzz_openapi(search_service, max_examples=15)
+    assert {"POST /search", "GET /healthz", "GET /audio/{audio_id}"} <= set(done), done
+    r = httpx.post(search_service + "/search", content=b"[" * 900 + b"]" * 900, timeout=60)  # under the body limit
+    assert r.status_code == 400 and "deeper than" in r.json()["error"]["message"]

@@ -2,6 +2,12 @@
 
 libsndfile (soundfile) decodes; soxr resamples. Every outcome is a `DecodedAudio`
 with a status, so a batch job can record bad files instead of crashing on them.
+
+Two ways to read a file, with the same checks and the same samples:
+- `decode_audio`: the whole file in memory at once (short files);
+- `probe_audio` then `stream_audio`: the checks block by block without keeping samples, then the
+  samples block by block (soxr.ResampleStream gives exactly soxr.resample's output), so an
+  hours-long recording never sits in memory whole.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -16,6 +23,9 @@ import soxr
 
 # Rates under this lose most of what CLAP's mel filters (up to 14 kHz at 48 kHz) look at.
 LOW_RATE_HZ = 16000
+# Frames per block when reading block by block (~5.5 s at 48 kHz; 2 MB per channel as float32).
+BLOCK_FRAMES = 1 << 18
+_READ_ERRORS = (sf.LibsndfileError, RuntimeError, ValueError)
 
 
 @dataclass
@@ -27,6 +37,7 @@ class DecodedAudio:
     channels: int = 0  # of the source file
     error: str = ""  # why it failed: "<kind>: <detail>"
     warnings: list[str] = field(default_factory=list)
+    n_samples: int = 0  # length at target_rate when ok (probe_audio: what stream_audio will yield)
 
 
 def _wav_declared_frames(path: Path) -> int | None:
@@ -63,58 +74,122 @@ def _wav_declared_frames(path: Path) -> int | None:
         return None
 
 
-def decode_audio(path: str | Path, target_rate: int, silence_threshold_db: float = -80.0) -> DecodedAudio:
-    path = Path(path)
+def resampled_length(frames: int, rate: int, target_rate: int) -> int:
+    """How many samples soxr (resample or a flushed ResampleStream) makes of `frames` at `rate`."""
+    return frames if rate == target_rate else int(frames * target_rate / rate + 0.5)
+
+
+def _open(path: Path) -> tuple[DecodedAudio, object | None]:
+    """(an outcome to fill in, sf.info) or (the failed outcome, None)."""
     if not path.is_file():
-        return DecodedAudio("failed", error="missing: file not found")
+        return DecodedAudio("failed", error="missing: file not found"), None
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError) as e:
         if path.stat().st_size == 0:
-            return DecodedAudio("failed", error="empty: file has 0 bytes")
-        return DecodedAudio("failed", error=f"unreadable: not an audio format libsndfile decodes ({_short(e)})")
-
+            return DecodedAudio("failed", error="empty: file has 0 bytes"), None
+        return DecodedAudio("failed", error=f"unreadable: not an audio format libsndfile decodes ({_short(e)})"), None
     out = DecodedAudio("failed", sample_rate=int(info.samplerate), channels=int(info.channels))
     if info.frames == 0:
         out.error = "empty: no audio frames"
+        return out, None
+    return out, info
+
+
+def _finish(out: DecodedAudio, path: Path, frames: int, n_bad: int, channels: int, peak: float,
+            silence_threshold_db: float, target_rate: int) -> bool:
+    """The checks on a decoded file (whole or block by block): sets error / warnings; True if ok."""
+    sr = out.sample_rate
+    if frames == 0:
+        out.error = "empty: no audio frames"
+        return False
+    out.duration_s = frames / sr
+    declared = _wav_declared_frames(path)
+    if declared is not None and declared > frames:
+        out.warnings.append(f"truncated: header declares {declared} frames, file holds {frames}, indexed what is there")
+    if n_bad:
+        out.error = f"invalid samples: {n_bad} NaN/Inf values"
+        return False
+    if channels > 1:
+        out.warnings.append(f"downmixed {channels} channels to mono")
+    if peak <= 10 ** (silence_threshold_db / 20):
+        # Silence is valid audio ("an empty room" is a fair query): indexed, with a warning.
+        level = "-inf" if peak == 0 else f"{20 * np.log10(peak):.1f}"
+        out.warnings.append(f"silent: peak {level} dBFS is below {silence_threshold_db:g} dBFS, indexed anyway")
+    if sr < LOW_RATE_HZ:
+        out.warnings.append(f"low sample rate {sr} Hz: nothing above {sr // 2} Hz to index")
+    out.n_samples = resampled_length(frames, sr, target_rate)
+    out.status = "ok"
+    return True
+
+
+def _mono(data: np.ndarray) -> np.ndarray:
+    return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+
+
+def decode_audio(path: str | Path, target_rate: int, silence_threshold_db: float = -80.0) -> DecodedAudio:
+    """The whole file in memory: mono float32 samples at target_rate, or why not."""
+    path = Path(path)
+    out, info = _open(path)
+    if info is None:
         return out
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+    except _READ_ERRORS as e:
         out.error = f"truncated or corrupt: decoding stopped ({_short(e)})"
         return out
-    if data.shape[0] == 0:
-        out.error = "empty: no audio frames"
+    bad = int((~np.isfinite(data)).sum())
+    mono = _mono(data)
+    peak = float(np.max(np.abs(mono))) if len(mono) and not bad else 0.0
+    if not _finish(out, path, data.shape[0], bad, data.shape[1], peak, silence_threshold_db, target_rate):
         return out
-    out.duration_s = data.shape[0] / sr
-
-    declared = _wav_declared_frames(path)
-    if declared is not None and declared > data.shape[0]:
-        out.warnings.append(
-            f"truncated: header declares {declared} frames, file holds {data.shape[0]}; indexed what is there"
-        )
-
-    bad = ~np.isfinite(data)
-    if bad.any():
-        out.error = f"invalid samples: {int(bad.sum())} NaN/Inf values"
-        return out
-    if data.shape[1] > 1:
-        out.warnings.append(f"downmixed {data.shape[1]} channels to mono")
-    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-
-    peak = float(np.max(np.abs(mono)))
-    if peak <= 10 ** (silence_threshold_db / 20):
-        level = "-inf" if peak == 0 else f"{20 * np.log10(peak):.1f}"
-        out.error = f"silent: peak {level} dBFS is below {silence_threshold_db:g} dBFS"
-        return out
-
-    if sr < LOW_RATE_HZ:
-        out.warnings.append(f"low sample rate {sr} Hz: nothing above {sr // 2} Hz to index")
     if sr != target_rate:
         mono = soxr.resample(mono, sr, target_rate, quality="HQ").astype(np.float32, copy=False)
     out.samples = np.ascontiguousarray(mono, dtype=np.float32)
-    out.status = "ok"
+    out.n_samples = len(out.samples)
     return out
+
+
+def probe_audio(path: str | Path, target_rate: int, silence_threshold_db: float = -80.0,
+                block_frames: int = BLOCK_FRAMES) -> DecodedAudio:
+    """decode_audio's checks and outcome, read block by block and keeping no samples (`samples` is
+    None; `n_samples` is how many stream_audio yields). NaN/Inf counts and the peak are per block."""
+    path = Path(path)
+    out, info = _open(path)
+    if info is None:
+        return out
+    frames, bad, peak = 0, 0, 0.0
+    try:
+        with sf.SoundFile(str(path)) as f:
+            for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
+                frames += block.shape[0]
+                nb = int((~np.isfinite(block)).sum())
+                bad += nb
+                if not bad and block.shape[0]:
+                    peak = max(peak, float(np.max(np.abs(_mono(block)))))
+    except _READ_ERRORS as e:
+        out.error = f"truncated or corrupt: decoding stopped ({_short(e)})"
+        return out
+    _finish(out, path, frames, bad, out.channels, peak, silence_threshold_db, target_rate)
+    return out
+
+
+def stream_audio(path: str | Path, target_rate: int, block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at target_rate; concatenated, exactly decode_audio's samples. Check the
+    file with probe_audio first: this raises on what probe_audio reports as a failure."""
+    with sf.SoundFile(str(path)) as f:
+        sr = int(f.samplerate)
+        rs = None if sr == target_rate else soxr.ResampleStream(sr, target_rate, 1, dtype="float32", quality="HQ")
+        for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
+            mono = np.ascontiguousarray(_mono(block), dtype=np.float32)
+            if rs is not None:
+                mono = rs.resample_chunk(mono, last=False)
+            if len(mono):
+                yield mono
+        if rs is not None:
+            tail = rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+            if len(tail):
+                yield np.asarray(tail, dtype=np.float32)
 
 
 def _short(e: Exception) -> str:

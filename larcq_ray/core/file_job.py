@@ -66,9 +66,14 @@ class FileJobSummary:
 
 
 def file_dataset(refs: Iterable, files_per_task: int):
-    """One Ray Data row per file (audio_id, path), `files_per_task` files per block."""
+    """One Ray Data row per file (audio_id, path), `files_per_task` files per block. Rejected corpus
+    entries (AudioRef.reject) are the job's to record as failed before: they are never decoded."""
     import ray
 
+    refs = list(refs)
+    rejected = [r.audio_id for r in refs if getattr(r, "reject", "")]
+    if rejected:
+        raise ValueError(f"rejected corpus entries sent to decoding: {rejected[:5]}")
     rows = [{"audio_id": r.audio_id, "path": r.path} for r in refs]
     return ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // files_per_task)))
 

@@ -37,7 +37,11 @@ class DataConfig(BaseModel):
 @dataclass(frozen=True)
 class AudioRef:
     audio_id: str
-    path: str  # absolute
+    path: str  # absolute; "" for a rejected entry
+    # Why this corpus entry cannot be indexed ("<kind>: <detail>"), "" when it can. A rejected entry
+    # (a link leading outside the corpus root, a name that is not UTF-8, a folder that cannot be
+    # listed...) is recorded as a failed file under an id no accepted file can have; never decoded.
+    reject: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,43 +100,124 @@ def _glob_base(pattern: str) -> str:
     return str(Path(*base)) if base else "."
 
 
+# Kinds of a rejected entry that only a change of the entry itself (its name, its link) undoes; an
+# entry that is accepted again later is indexed even though its earlier row failed for this kind.
+# (A folder that cannot be listed is "unreadable", retried on every run like an unreadable file.)
+REJECT_KINDS = ("outside", "invalid name")
+
+
+def readable_path(s: str) -> str:
+    r"""A path as the file system gave it, as valid UTF-8 text: bytes that are not UTF-8 (Python's
+    surrogate escapes) as \xNN. For messages; ids use `_entry_id`."""
+    return os.fsencode(s).decode("utf-8", "backslashreplace")
+
+
+def _entry_id(posix: str) -> str:
+    r"""The id of a rejected entry: its path, losslessly readable. Undecodable bytes become \xNN and
+    a backslash \x5c, so every backslash starts an escape: two entries never share an id, and none
+    has an accepted file's id (those hold no backslash, see safe_audio_id)."""
+    return os.fsencode(posix).replace(b"\\", b"\\x5c").decode("utf-8", "backslashreplace")
+
+
+def _bad_name(parts: tuple[str, ...]) -> str:
+    """Why a path relative to the corpus root cannot be an audio id, or ""."""
+    for x in parts:
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"invalid name: '{readable_path(x)}' is not valid UTF-8 (undecodable bytes shown as \\xNN)"
+        if "\\" in x:  # POSIX only (a separator elsewhere); ids use '/', and read '\' as one
+            return f"invalid name: '{x}' holds a backslash, which an audio id cannot"
+    return ""
+
+
+def _corpus_entry(p: Path, root: Path, given: str | None = None) -> AudioRef:
+    """One listed path -> its AudioRef, accepted or rejected (`reject` says why).
+
+    An accepted file's id is its real path (links followed) relative to the root. A rejected
+    entry's id is its path as listed, relative to the root when it lies there (a link, a bad
+    name), else as given (`given`: a list file's line; absolute stays absolute)."""
+    lex = Path(os.path.normpath(os.path.abspath(p)))  # as listed: links not followed
+    try:
+        lex_rel: str | None = lex.relative_to(root).as_posix()
+    except ValueError:
+        lex_rel = None
+    if lex_rel is not None:
+        rid = _entry_id(lex_rel)
+    elif given is not None and not Path(given).is_absolute():
+        rid = _entry_id(os.path.relpath(lex, root).replace(os.sep, "/"))  # "../x.wav"
+    else:
+        rid = _entry_id(lex.as_posix())
+    shown = readable_path(str(lex))
+    try:
+        real = lex.resolve()
+    except (OSError, RuntimeError) as e:  # a link loop
+        return AudioRef(rid, "", f"unreadable: cannot follow the link {shown} ({readable_path(str(e))})")
+    try:
+        rel = real.relative_to(root)
+    except ValueError:
+        how = "leads to" if lex_rel is not None else "names"  # a link (or a path through one)
+        where = readable_path(str(real)) if lex_rel is not None else shown
+        return AudioRef(rid, "", f"outside: {how} {where}, outside the corpus root {readable_path(str(root))}")
+    bad = _bad_name(rel.parts)
+    if bad:
+        return AudioRef(_entry_id(rel.as_posix()), "", bad)
+    try:
+        aid = safe_audio_id(rel.as_posix(), "corpus")
+    except LarcqError:  # a list line naming the root itself
+        return AudioRef(rid, "", "missing: names the corpus root, not a file")
+    return AudioRef(aid, str(real))
+
+
 def list_corpus(data: DataConfig) -> list[AudioRef]:
-    """Every audio file of the corpus, sorted by id. Unreadable files are kept: indexing records why."""
+    """Every audio file of the corpus, sorted by id. Unreadable files are kept: indexing records why.
+
+    An entry that cannot be accepted (a link or a list line leading outside the corpus root, a
+    name that is not UTF-8, a folder that cannot be listed) is kept as a rejected AudioRef, which
+    indexing records as one failed file. Only a problem with the corpus as a whole raises: no
+    root, a glob matching nothing, no audio (or none that can be accepted)."""
     root = corpus_root(data)
     exts = {"." + e.lower().lstrip(".") for e in data.extensions}
     src = data.corpus
+    entries: list[AudioRef] = []
     if src and Path(src).is_file():
-        paths = []
-        for n, line in enumerate(Path(src).read_text().splitlines(), 1):
+        # Bytes that are not UTF-8 name files as the file system has them (POSIX), then are rejected.
+        text = Path(src).read_bytes().decode("utf-8", "surrogateescape").lstrip("\ufeff")
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 p = Path(line) if Path(line).is_absolute() else root / line
-                paths.append(p)
+                entries.append(_corpus_entry(p, root, given=line))
     elif src and not Path(src).is_dir():
         paths = [Path(p) for p in globlib.glob(src, recursive=True) if Path(p).is_file()]
         if not paths:
             raise LarcqError(f"data.corpus: the glob {src!r} matches no files")
+        entries = [_corpus_entry(p, root) for p in paths]
     else:
         if not root.is_dir():
             raise LarcqError(f"corpus folder not found: {root}")
-        paths = [
-            Path(dp) / f
-            for dp, _, files in os.walk(root)
-            for f in files
-            if Path(f).suffix.lower() in exts and not f.startswith(".")
-        ]
-    refs = {}
-    for p in paths:
-        p = p.resolve()
-        try:
-            rel = p.relative_to(root)
-        except ValueError:
-            raise LarcqError(f"corpus file {p} lies outside the corpus root {root}") from None
-        aid = safe_audio_id(rel.as_posix(), "corpus")
-        refs[aid] = AudioRef(aid, str(p))
+        unlisted: list[OSError] = []
+        for dp, _, files in os.walk(root, onerror=unlisted.append):
+            entries += [_corpus_entry(Path(dp) / f, root) for f in files
+                        if Path(f).suffix.lower() in exts and not f.startswith(".")]
+        for e in unlisted:
+            folder = Path(os.path.abspath(e.filename)) if e.filename else root
+            if folder == root:
+                raise LarcqError(f"cannot list the corpus folder {readable_path(str(root))}: {e.strerror or e}")
+            why = e.strerror or type(e).__name__
+            # "<folder>/": ids of files never end with '/', so it cannot be one
+            entries.append(AudioRef(_entry_id(folder.relative_to(root).as_posix()) + "/", "",
+                                    f"unreadable: cannot list the folder ({why})"))
+    refs = {r.audio_id: r for r in entries if not r.reject}
+    rejected = {r.audio_id: r for r in entries if r.reject and r.audio_id not in refs}
     if not refs:
+        if rejected:
+            shown = "; ".join(f"{a}: {r.reject}" for a, r in sorted(rejected.items())[:3])
+            raise LarcqError(f"no audio file of the corpus {src or root} can be indexed: {len(rejected)} "
+                             f"entr{'y' if len(rejected) == 1 else 'ies'} rejected ({shown}"
+                             f"{' ...' if len(rejected) > 3 else ''})")
         raise LarcqError(f"no audio files ({', '.join(sorted(exts))}) found in the corpus {src or root}")
-    return [refs[k] for k in sorted(refs)]
+    return [x[1] for x in sorted({**refs, **rejected}.items())]
 
 
 def queries_csv_path(data: DataConfig) -> Path:

@@ -84,22 +84,47 @@ def wait_until_stopped(apps: list[ServeApp]) -> None:
             serve.delete(app.name)
 
 
+class _Terminated(BaseException):
+    """Raised in the main thread by our SIGTERM handler (a BaseException, like KeyboardInterrupt,
+    so no `except Exception` on the way swallows it)."""
+
+
+def _on_sigterm(signum, frame):
+    # Once: a second SIGTERM (impatient process managers) must not cut the clean-up short; the
+    # SIGKILL that follows a grace period still can.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Terminated
+
+
 def serve_until_stopped(apps: list[ServeApp], host: str, port: int, ray_address: str | None,
                         ray_num_cpus: int | None) -> None:
-    """Run `apps` until Ctrl-C or SIGTERM; stop a local Ray started here."""
+    """Run `apps` until Ctrl-C or SIGTERM; stop a local Ray started here.
+
+    SIGTERM (Kubernetes, systemd, docker stop, kill) stops as cleanly as Ctrl-C: the apps are
+    deleted, a local Ray is shut down, and the function returns (the CLI exits 0).
+    """
     import ray
     from ray import serve
 
     from larcq_ray.core.ray_session import ensure_ray
 
-    def _stop(signum, frame):  # SIGTERM (container stop, kill) stops as cleanly as Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
     ensure_ray(ray_address, ray_num_cpus)
+    # Installed after ray.init, which replaces SIGTERM handling on the driver: ray.init sets a
+    # handler that calls sys.exit(15), a local Ray's Node sets one that kills Ray's processes and
+    # exits 1, and the core worker adds a native failure-signal handler (the "*** SIGTERM received
+    # ***" stack dump) that chains to the previous one. Setting ours afterwards replaces them all.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        start_apps(apps, host, port)
-        wait_until_stopped(apps)
+        try:
+            start_apps(apps, host, port)
+            wait_until_stopped(apps)  # returns after Ctrl-C
+        except _Terminated:
+            log.info("SIGTERM received: stopping")
+            for app in apps:
+                try:
+                    serve.delete(app.name)
+                except Exception as e:  # noqa: BLE001 - e.g. SIGTERM before the app was deployed
+                    log.debug("could not delete the %s app: %s", app.what, e)
     finally:
         if not (ray_address or os.environ.get("RAY_ADDRESS")):
             serve.shutdown()  # our own local Ray: stop it here, not in an interruptible atexit hook

@@ -14,7 +14,7 @@ import numpy as np
 
 from larcq_ray.config import PipelineConfig
 from larcq_ray.core.file_job import FileJobSummary, FileResult, collect_files, file_dataset, reason_kind
-from larcq_ray.core.inputs import AudioRef, list_corpus
+from larcq_ray.core.inputs import REJECT_KINDS, AudioRef, list_corpus
 from larcq_ray.index.stages import ClapEmbedStage, DecodeChunkStage
 from larcq_ray.index.store import RETRY_KINDS, UNKNOWN, IndexStore, file_stat
 
@@ -52,19 +52,36 @@ def _assemble(aid: str, rows: list[dict]) -> FileResult:
     return FileResult(aid, error=error, warnings=warnings, units=len(chunks), payload=(file_row, chunks))
 
 
+def _rejected(ref: AudioRef) -> FileResult:
+    """A corpus entry that cannot be indexed (see AudioRef.reject): its failed row, never decoded."""
+    file_row = {"audio_id": ref.audio_id, "duration_s": 0.0, "sample_rate": 0, "channels": 0, "n_chunks": 0,
+                "status": "failed", "error": ref.reject, "warning": ""}
+    return FileResult(ref.audio_id, error=ref.reject, payload=(file_row, []))
+
+
 def plan_resume(store: IndexStore, refs: list[AudioRef], stats: dict[str, tuple[int, int]],
                 drop_missing: bool = True) -> tuple[list[AudioRef], int, int, list[str]]:
     """(files to index, how many changed, how many failed ones are retried, ids to drop).
 
     A file is indexed when the index has no row for it, when its size or modification time
-    differs from what was recorded, or when it failed for a reason that can change (RETRY_KINDS).
-    Files the index holds that `refs` no longer lists are dropped (when `drop_missing`)."""
+    differs from what was recorded, or when it failed for a reason that can change (RETRY_KINDS),
+    or when it was rejected at listing (REJECT_KINDS) and is now accepted. A rejected entry's failed
+    row is recorded when the index has none like it (same reason), and again on every run when its
+    kind is one of RETRY_KINDS. Files the index holds that `refs` no longer lists are dropped (when
+    `drop_missing`)."""
     current = store.current_files()
     rows = {a: (s, e, sz, mt) for a, s, e, sz, mt in zip(*(current.column(c).to_pylist() for c in (
         "audio_id", "status", "error", "size_bytes", "mtime_ns")))}
     todo, changed, retried = [], 0, 0
     for r in refs:
         row = rows.get(r.audio_id)
+        if r.reject:
+            if row is None or row[0] != "failed" or row[1] != r.reject:
+                todo.append(r)
+            elif reason_kind(r.reject) in RETRY_KINDS:
+                todo.append(r)
+                retried += 1
+            continue
         if row is None:
             todo.append(r)
             continue
@@ -73,7 +90,7 @@ def plan_resume(store: IndexStore, refs: list[AudioRef], stats: dict[str, tuple[
         if known and (size, mtime) != stats[r.audio_id]:
             todo.append(r)
             changed += 1
-        elif status != "ok" and reason_kind(error) in RETRY_KINDS:
+        elif status != "ok" and reason_kind(error) in RETRY_KINDS + REJECT_KINDS:
             todo.append(r)
             retried += 1
     listed = {r.audio_id for r in refs}
@@ -96,8 +113,10 @@ def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_prog
     store.open_for_write(index_meta(cfg, fz.sample_rate))
 
     summary = FileJobSummary("indexed", "embeddings written")
-    stats = {r.audio_id: file_stat(r.path) for r in refs}
+    stats = {r.audio_id: (UNKNOWN, UNKNOWN) if r.reject else file_stat(r.path) for r in refs}
     todo, changed, retried, gone = plan_resume(store, refs, stats, drop_missing)
+    rejected = [_rejected(r) for r in todo if r.reject]
+    todo = [r for r in todo if not r.reject]
     if gone:
         store.mark_deleted(gone)
         summary.notes.append(f"{len(gone)} file(s) no longer in the corpus: dropped from the index")
@@ -105,7 +124,17 @@ def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_prog
         summary.notes.append(f"{changed} file(s) changed since they were indexed: indexed again")
     if retried:
         summary.notes.append(f"{retried} file(s) that failed for a reason that can change: retried")
-    summary.skipped = len(refs) - len(todo)
+    summary.skipped = len(refs) - len(todo) - len(rejected)
+
+    def commit(results: list[FileResult]) -> None:
+        files = [{**r.payload[0], "size_bytes": stats[r.audio_id][0], "mtime_ns": stats[r.audio_id][1]}
+                 for r in results]
+        store.commit(files, [c for r in results for c in r.payload[1]])
+
+    if rejected:  # recorded first, without Ray: the entries the listing could not accept
+        for r in rejected:
+            summary.add(r)
+        commit(rejected)
     if not todo:
         return summary
 
@@ -120,12 +149,6 @@ def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_prog
                            torch_threads=ic.torch_threads)
     ds = map_stage(file_dataset(todo, ic.files_per_decode_task), decode, ic.files_per_decode_task)
     ds = map_stage(ds, embed, ic.batch_size)
-
-    def commit(results: list[FileResult]) -> None:
-        files = [{**r.payload[0], "size_bytes": stats[r.audio_id][0], "mtime_ns": stats[r.audio_id][1]}
-                 for r in results]
-        store.commit(files, [c for r in results for c in r.payload[1]])
-
     return collect_files(ds, len(todo), assemble=_assemble, commit=commit, commit_every=ic.commit_every_files,
                          summary=summary, desc="index", show_progress=show_progress)
 
@@ -139,7 +162,16 @@ def run(cfg: PipelineConfig) -> FileJobSummary:
         check_queries_against_corpus(read_queries(queries_csv_path(cfg.data)), {r.audio_id for r in refs},
                                      corpus_root(cfg.data))
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    log.info("indexing %d files from %s into %s", len(refs), corpus_root(cfg.data), Path(cfg.run_dir) / "index")
+    rejected = [r for r in refs if r.reject]
+    log.info("indexing %d files from %s into %s", len(refs) - len(rejected), corpus_root(cfg.data),
+             Path(cfg.run_dir) / "index")
+    if rejected:
+        log.warning("%d corpus entr%s cannot be indexed (recorded as failed):", len(rejected),
+                    "y" if len(rejected) == 1 else "ies")
+        for r in rejected[:5]:
+            log.warning("  %s: %s", r.audio_id, r.reject)
+        if len(rejected) > 5:
+            log.warning("  ... and %d more (the index's files table lists them all)", len(rejected) - 5)
     t0 = time.time()
     summary = run_index(cfg, refs)
     for line in summary.lines():

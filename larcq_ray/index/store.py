@@ -31,9 +31,10 @@ from larcq_ray.core.errors import LarcqError
 # Settings that change embeddings: resuming with different ones would mix two models in one index.
 META_KEYS = ("model", "sample_rate", "chunking", "whole_file", "fusion_seed", "dtype", "adapter")
 # Failures that can go away without the file changing (it appears, permissions, a bug fixed, a
-# worker out of memory): retried on every run. The others (silent, empty, corrupt...) are retried
-# only when the file's size or modification time changes.
-RETRY_KINDS = ("missing", "unreadable", "internal", "decode", "embed")
+# worker out of memory): retried on every run. The others (empty, corrupt, invalid samples...) are
+# retried only when the file's size or modification time changes. "silent": earlier versions failed
+# silent files; silence is indexed now (with a warning), so those rows are retried once and then ok.
+RETRY_KINDS = ("missing", "unreadable", "internal", "decode", "embed", "silent")
 UNKNOWN = -1  # size / mtime of files indexed before they were recorded, or that cannot be stat'ed
 
 

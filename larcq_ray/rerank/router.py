@@ -1,11 +1,13 @@
 """HTTP side of the /rerank service: a FastAPI app served as a Ray Serve ingress deployment.
 
 Routes (relative to the application's route_prefix):
-  POST /rerank   RerankRequest -> RerankResponse       (Bearer auth when an api_key is set)
+  POST /rerank, /v1/rerank, /v2/rerank    one handler, as vLLM serves them: Jina and vLLM clients
+                 call /rerank, the Cohere SDKs /v1 and /v2 (Bearer auth when an api_key is set)
+                 RerankRequest -> RerankResponse
   GET  /healthz  {"status": "ok", "model": ...} or 503 (no auth: for load-balancer probes)
 
 Every non-2xx answer is an ErrorResponse {"error": {"message", "type", "field"}}:
-  400 body is not JSON          401 missing / wrong Bearer token
+  400 body is not JSON (or nested too deeply to parse)          401 missing / wrong Bearer token
   413 body over max_body_bytes (Content-Length or actual bytes), or more documents than
       max_documents (field "documents": a server limit, not a schema error)
   422 schema errors, field = dotted pydantic location ("query", "top_n", "documents.2.text")
@@ -29,6 +31,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from larcq_ray.rerank.protocol import (
+    Document,
     ErrorInfo,
     ErrorResponse,
     ErrorType,
@@ -37,6 +40,7 @@ from larcq_ray.rerank.protocol import (
     RerankResponse,
 )
 from larcq_ray.rerank.config import RerankServeConfig
+from larcq_ray.rerank.metrics import install_request_metrics
 from larcq_ray.rerank.serving import BackendError, RerankServing
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,9 @@ fastapi_app = FastAPI(
     title="LARCQ rerank",
     description="Re-rank documents (captions) against a query; Cohere / Jina / vLLM rerank shape.",
 )
+
+
+install_request_metrics(fastapi_app, default_app="rerank")
 
 
 @fastapi_app.exception_handler(ApiError)
@@ -119,11 +126,48 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
-def parse_rerank_request(body: bytes, max_documents: int) -> RerankRequest:
+MAX_JSON_DEPTH = 32  # no request of ours nests deeper than 4; deeper bodies are refused before validation
+
+
+def _depth(text: str) -> int:
+    """Deepest bracket nesting outside strings: a linear scan, no recursion."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON, or ApiError 400: not UTF-8, not JSON, or nested over MAX_JSON_DEPTH (which
+    would otherwise reach Python's recursion limit in the parser or the validator: a 500)."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"body is not valid UTF-8: {e}", "invalid_request_error", "body")
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"body nests JSON deeper than {MAX_JSON_DEPTH} levels", "invalid_request_error", "body")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so are over-long ints
         raise ApiError(400, f"body is not valid JSON: {e}", "invalid_request_error", "body")
+
+
+def parse_rerank_request(body: bytes, max_documents: int) -> RerankRequest:
+    data = parse_json(body)
     try:
         req = RerankRequest.model_validate(data)
     except ValidationError as e:
@@ -170,17 +214,27 @@ class RerankDeployment:
             batch_wait_timeout_s=cfg.batch_wait_timeout_s,
         )
 
-    @fastapi_app.post("/rerank", response_model=RerankResponse, openapi_extra=_RERANK_OPENAPI,
+    @fastapi_app.post("/rerank", operation_id="rerank", response_model=RerankResponse, openapi_extra=_RERANK_OPENAPI,
+                      responses={c: {"model": ErrorResponse} for c in (400, 401, 413, 422, 500)})
+    @fastapi_app.post("/v1/rerank", operation_id="rerank_v1", response_model=RerankResponse, openapi_extra=_RERANK_OPENAPI,
+                      responses={c: {"model": ErrorResponse} for c in (400, 401, 413, 422, 500)})
+    @fastapi_app.post("/v2/rerank", operation_id="rerank_v2", response_model=RerankResponse, openapi_extra=_RERANK_OPENAPI,
                       responses={c: {"model": ErrorResponse} for c in (400, 401, 413, 422, 500)})
     async def rerank(self, request: Request) -> RerankResponse:
         check_bearer(request, self.cfg.api_key)  # before reading a stranger's body
         body = await read_body(request, self.cfg.max_body_bytes)
         req = parse_rerank_request(body, self.cfg.max_documents)
+        # The backend ranks plain texts (rank_fields joined); the answer returns the documents as sent.
+        ranked = req.model_copy(update={"documents": [Document(text=t) for t in req.texts()]})
         try:
-            return await self.serving.rerank(req)
+            response = await self.serving.rerank(ranked)
         except BackendError as e:
             log.warning("backend failed on a rerank request: %s", e)
             raise ApiError(500, f"the rerank backend failed: {e}", "server_error")
+        for r in response.results:
+            if r.document is not None:
+                r.document = req.documents[r.index]
+        return response
 
     @fastapi_app.get("/healthz", response_model=HealthResponse,
                      responses={503: {"model": ErrorResponse}})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Optional
 from ray import serve
 
 from larcq_ray.rerank.backends import RerankBackend
+from larcq_ray.rerank.metrics import ServiceMetrics
 from larcq_ray.rerank.protocol import RerankRequest, RerankResponse, RerankResult, RerankUsage
 
 Pair = tuple[str, list[str]]  # (query, documents): one request as the backend sees it
@@ -47,8 +49,12 @@ class RerankServing:
         batching: bool = True,
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.01,
+        metrics: Optional[ServiceMetrics] = None,
     ) -> None:
         self.backend = backend
+        # Batch sizes, backend latency and backend errors (the router records requests). The
+        # default is labelled with the replica's Serve app name.
+        self.metrics = metrics if metrics is not None else ServiceMetrics(default_app="rerank")
         self.model_name: str = backend.model_name
         self.batching = batching
         # One worker: a single model already uses every core per call; parallel calls only
@@ -73,16 +79,25 @@ class RerankServing:
             out.append(row)
         return out
 
+    async def _timed_call(self, pairs: list[Pair]) -> list[list[float]]:
+        """_call_backend for user requests: records the batch size and the backend latency."""
+        t0 = time.perf_counter()
+        try:
+            return await self._call_backend(pairs)
+        finally:
+            self.metrics.record_batch(len(pairs), time.perf_counter() - t0)
+
     async def _score_alone(self, pair: Pair, batch_size: int) -> _Scored:
         try:
-            return _Scored((await self._call_backend([pair]))[0], batch_size)
+            return _Scored((await self._timed_call([pair]))[0], batch_size)
         except Exception as e:  # noqa: BLE001 - any backend failure becomes a 500 for this request
+            self.metrics.record_error("backend")
             return _Scored(None, batch_size, f"{type(e).__name__}: {e}")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # real values set in __init__
     async def _score_batch(self, pairs: list[Pair]) -> list[_Scored]:
         try:
-            rows = await self._call_backend(pairs)
+            rows = await self._timed_call(pairs)
             return [_Scored(row, len(pairs)) for row in rows]
         except Exception:  # noqa: BLE001
             if len(pairs) == 1:

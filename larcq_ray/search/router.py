@@ -28,7 +28,6 @@ Errors have the /rerank service's shape {"error": {"message", "type", "field"}} 
 # No `from __future__ import annotations`: FastAPI must see `request: Request` as the class, not a string.
 import asyncio
 import functools
-import json
 import logging
 import mimetypes
 import threading
@@ -54,8 +53,10 @@ from larcq_ray.rerank.router import (
     _validation_error,
     check_bearer,
     error_response,
+    parse_json,
     read_body,
 )
+from larcq_ray.rerank.metrics import install_request_metrics
 from larcq_ray.search import audio_tokens
 from larcq_ray.search.config import MODES
 from larcq_ray.search.protocol import SearchHealthResponse, SearchRequest, SearchResponse, SearchResult, Window
@@ -66,6 +67,7 @@ fastapi_app = FastAPI(
     title="LARCQ search",
     description="Search an indexed corpus with a long free-text query: ranked audios and their matched windows.",
 )
+install_request_metrics(fastapi_app, default_app="search")
 # The same handlers as /rerank: one error shape across the services.
 fastapi_app.add_exception_handler(ApiError, _api_error)
 fastapi_app.add_exception_handler(RequestValidationError, _validation_error)
@@ -79,10 +81,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 def parse_search_request(body: bytes) -> SearchRequest:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"body is not valid JSON: {e}", "invalid_request_error", "body")
+    data = parse_json(body)
     try:
         return SearchRequest.model_validate(data)
     except ValidationError as e:
