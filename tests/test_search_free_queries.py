@@ -198,3 +198,42 @@ def test_free_queries_from_the_command_line(indexed, capsys):
     assert list(q[q["query_id"] == 0].sort_values("chunk_index")["text"]) == [
         list(QUERIES)[0], "a heart pounds slowly and loudly", "a loud radio static hiss"]
     print(md)
+
+
+def test_free_queries_go_on_through_caption_and_rerank(indexed):
+    """The method's second half after a search without ground truth: caption the shortlist with the
+    demo captioner, re-rank it through the /rerank app the job starts, and evaluate skips."""
+    import socket
+
+    from ray import serve
+
+    from larcq_ray import artifacts
+    from larcq_ray.cli import main
+    from larcq_ray.offline.demo_captioner import assemble_demo_captioner
+
+    cfg_path, _ = indexed
+    run_dir = _fresh_run(indexed, "run_rerank")
+    captioner = assemble_demo_captioner(run_dir.parent / "captioner", cfg_path.parent / "demo_clap")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = ["--run-dir", str(run_dir), "--set", f"caption.backend.model={captioner}",
+            "--set", "caption.backend.kind=prefix-lm", "--set", "caption.backend.device=cpu",
+            "--set", "caption.backend.local_files_only=true", "--set", "caption.backend.window_s=2.5",
+            "--set", "rerank.top_n=3", "--set", f"serve.port={port}", "--set", "serve.backend.device=cpu"]
+    argv = ["search", "--config", str(cfg_path), *sets[:2]]
+    for t in QUERIES:
+        argv += ["--query", t]
+    assert main(argv) == 0
+    try:
+        assert main(["caption", "--config", str(cfg_path), *sets]) == 0
+        assert main(["rerank", "--config", str(cfg_path), *sets]) == 0
+    finally:
+        serve.shutdown()  # the job's Serve instance: later modules start their own on their own ports
+    caps = artifacts.CAPTIONS.read(run_dir).to_pandas()
+    assert (caps.status == "ok").all() and caps.caption.str.len().gt(0).all()
+    rr = artifacts.RERANKED.read(run_dir).to_pandas()
+    assert sorted(rr.query_id.unique()) == [0, 1, 2] and (rr.groupby("query_id").size() == 3).all()
+    assert rr.rerank_score.notna().all() and (rr.note == "").all()  # every candidate was captioned
+    assert main(["evaluate", "--config", str(cfg_path), "--run-dir", str(run_dir)]) == 0
+    assert not (run_dir / "metrics.json").exists()
