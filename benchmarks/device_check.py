@@ -40,7 +40,9 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-SECTIONS = ("env", "prefix_lm_7b", "qwen2_audio_7b", "af3_7b", "prefix_lm_1b_cost")
+# Most wanted first: a budget cut drops the last ones.
+SECTIONS = ("env", "clap_htsat", "cross_encoder", "listwise_lm", "qwen2_audio_7b", "af3_7b", "prefix_lm_7b",
+            "prefix_lm_1b_cost")
 # Seed 004's cost protocol (larcq_ray.evaluate.alm_cost): batch 1, warm-up runs, then timed runs.
 COST_RUNS = {"warmup_runs": 2, "timed_runs": 5}
 JSONL = "device_check.jsonl"
@@ -53,10 +55,14 @@ PROMPT = "Describe the sounds in this audio."
 
 # module -> distribution (for versions); what each section needs.
 PACKAGES = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "numpy": "numpy",
-            "safetensors": "safetensors", "pydantic": "pydantic", "huggingface_hub": "huggingface-hub"}
+            "safetensors": "safetensors", "pydantic": "pydantic", "huggingface_hub": "huggingface-hub",
+            "sentence_transformers": "sentence-transformers"}
 _MODELS = ["torch", "transformers", "tokenizers", "numpy", "safetensors", "huggingface_hub"]
 NEEDS = {
     "env": ["torch"],
+    "clap_htsat": _MODELS,
+    "cross_encoder": _MODELS + ["pydantic", "sentence_transformers"],  # larcq_ray's rerank backends
+    "listwise_lm": _MODELS + ["pydantic"],
     "prefix_lm_7b": _MODELS + ["pydantic"],  # larcq_ray's caption modules are pydantic models
     "qwen2_audio_7b": _MODELS,  # pydantic too for larcq_ray's backend; without it, a direct path
     "af3_7b": _MODELS,
@@ -97,15 +103,31 @@ def version(module: str) -> str | None:
         return None
 
 
-def dry_run() -> tuple[bool, str]:
-    """(dry, why): tiny CPU dims when asked for, or when torch sees no CUDA GPU."""
-    if os.environ.get("DEVICE_CHECK_DRY_RUN", "").strip().lower() not in ("", "0", "false", "no"):
-        return True, "DEVICE_CHECK_DRY_RUN set"
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_mode() -> tuple[str, bool, str]:
+    """(device, tiny, why). --cpu / DEVICE_CHECK_CPU=1: CPU; --tiny / DEVICE_CHECK_TINY=1: tiny dims;
+    DEVICE_CHECK_DRY_RUN=1 (both, CI's check). No CUDA GPU: CPU and tiny (full size would not fit)."""
+    if _flag("DEVICE_CHECK_DRY_RUN"):
+        return "cpu", True, "DEVICE_CHECK_DRY_RUN set"
     import torch
 
-    if not torch.cuda.is_available():
-        return True, "no CUDA GPU visible to torch"
-    return False, "CUDA GPU"
+    if _flag("DEVICE_CHECK_CPU") or not torch.cuda.is_available():
+        why = "--cpu asked" if _flag("DEVICE_CHECK_CPU") else "no CUDA GPU visible to torch"
+        return "cpu", True, why  # full-size 7B models on CPU would take hours: always tiny there
+    return "cuda", _flag("DEVICE_CHECK_TINY"), "CUDA GPU" + (", --tiny" if _flag("DEVICE_CHECK_TINY") else "")
+
+
+def dry_run() -> tuple[bool, str]:
+    """(tiny, why): kept for the sections' `dry` argument (tiny dims)."""
+    _, tiny, why = run_mode()
+    return tiny, why
+
+
+def _mode_name(device: str, tiny: bool) -> str:
+    return {("cpu", True): "dry-run", ("cuda", True): "gpu-tiny"}.get((device, tiny), "gpu")
 
 
 def write_line(out: Path, rec: dict) -> None:
@@ -182,7 +204,8 @@ def _weights_from_config(cls, folders, device: str, min_new_tokens: int):
             else:
                 model = cls._from_config(config, dtype=dt)
         model.eval()
-        model.generation_config.min_new_tokens = min_new_tokens  # random weights: no early EOS
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.min_new_tokens = min_new_tokens  # random weights: no early EOS
         CREATED.append(model)
         return model
 
@@ -427,7 +450,8 @@ def _settings(dry: bool) -> dict:
 
 
 def _device_dtype(dry: bool) -> tuple[str, str]:
-    return ("cpu", "float32") if dry else ("cuda", "bfloat16")
+    device = run_mode()[0]
+    return (device, "bfloat16") if device == "cuda" else ("cpu", "float32")
 
 
 def _after_load(device: str, t0: float) -> dict:
@@ -438,6 +462,18 @@ def _after_load(device: str, t0: float) -> dict:
 
         figs["weights_gpu_gib"] = _gib(torch.cuda.memory_allocated())
     return figs
+
+
+def _ray_importable() -> bool:
+    """False on the GPU machine (no Ray) and under device_check.sh's blocker (a CPU run proves the
+    sections need no Ray)."""
+    try:
+        importlib.import_module("ray")
+    except ImportError:
+        return False
+    finally:
+        sys.modules.pop("ray", None)  # a section must not look as if it imported Ray
+    return True
 
 
 def _project_import_error(module: str) -> str | None:
@@ -461,7 +497,8 @@ def section_env(work: Path, dry: bool, why: str) -> dict:
         "versions": {m: version(m) for m in PACKAGES},
         "missing_packages": missing_packages(),
         "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
-        "cpu_count": os.cpu_count(), "mode": "dry-run" if dry else "gpu", "mode_why": why,
+        "cpu_count": os.cpu_count(), "mode": _mode_name(run_mode()[0], dry), "mode_why": why,
+        "ray_importable": _ray_importable(),
         "carried_wheels_site": os.environ.get("DEVICE_CHECK_SITE") or None,
     }
     try:
@@ -540,6 +577,9 @@ def section_prefix_lm_7b(work: Path, dry: bool, why: str) -> dict:
     figs.update(measure(caption_batch, waves, device, _settings(dry)["timed_batches"], gen_stats, feat_s))
     figs.update(_memory(device))
     figs["path"] = "larcq_ray.caption.prefix_lm.PrefixLm (featurize + generate, as PrefixLmBackend.caption)"
+    model = m = None  # the closures above hold the names: drop the model itself
+    _release()
+    figs.update(prefix_lm_match(work, device))
     return figs
 
 
@@ -623,6 +663,10 @@ def _alm_section(work: Path, dry: bool, build, arch: str, full_config, cost: boo
     figs.update(_memory(device))
     if cost and err is None:  # seed 004's TTFT / TPOT / peak memory, as `larcq-ray eval-alm` measures them
         figs["cost"] = _cost(backend, "hf-audio-lm", waves[:2])
+    if err is None:
+        del backend, model, lm
+        _release()
+        figs.update(alm_match(work, arch, device))
     return figs
 
 
@@ -688,31 +732,479 @@ def section_prefix_lm_1b_cost(work: Path, dry: bool, why: str) -> dict:
     return figs
 
 
+# -- matching the CPU result -----------------------------------------------------------------------
+# Each path is also run on a small input through a reduced-size model of the same architecture whose
+# random weights are saved once, then loaded by the product's own loader on CPU in float32 (the
+# reference), on the device in float32 (logits within FP32_TOL) and on the device in bfloat16 (first-
+# token logits / embeddings with cosine >= BF16_COS). In a CPU run the bf16 comparison still runs.
+
+FP32_TOL = 1e-3
+BF16_COS = 0.99
+
+
+def _cosines(a, b):
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64).reshape(len(a), -1), np.asarray(b, np.float64).reshape(len(b), -1)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+
+
+def match_check(load, run, device: str) -> dict:
+    """load(device, dtype) -> a loaded path; run(path) -> float array (rows: inputs)."""
+    import numpy as np
+    import torch
+
+    old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+    try:
+        ref = np.asarray(run(load("cpu", "float32")), np.float64)
+        out: dict = {"match_rows": int(len(ref)), "match_ref_abs_max": round(float(np.abs(ref).max()), 4)}
+        if device == "cuda":
+            got = np.asarray(run(load("cuda", "float32")), np.float64)
+            diff = float(np.abs(got - ref).max())
+            out.update(fp32_max_abs_diff=diff, fp32_ok=bool(diff <= FP32_TOL))
+        got16 = np.asarray(run(load(device, "bfloat16")), np.float64)
+        cos = float(_cosines(got16, ref).min())
+        out.update(bf16_min_cosine=round(cos, 6), bf16_ok=bool(cos >= BF16_COS), match_device=device)
+        out["match_ok"] = bool(out["bf16_ok"] and out.get("fp32_ok", True))
+        return out
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
+
+
+def _match_or_error(load, run, device: str) -> dict:
+    try:
+        return match_check(load, run, device)
+    except Exception as e:  # noqa: BLE001 - a failed comparison is a result; the throughput stands
+        traceback.print_exc()
+        return {"match_ok": False, "match_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
+def _release() -> None:
+    """After the caller dropped its references: collect, and give the GPU its cached blocks back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- CLAP HTSAT-fused: GPU features + encoder -------------------------------------------------------
+
+CLAP_BATCH = 128  # 10-s chunks per encoder call on the GPU
+CLAP_SR = 48000
+
+
+def clap_config(tiny: bool):
+    """laion/clap-htsat-fused's shape (transformers' default ClapAudioConfig is HTSAT; fusion on);
+    tiny: the same architecture with small dims."""
+    from transformers import ClapConfig
+
+    text = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 80}
+    audio = {"enable_fusion": True}
+    if tiny:
+        audio.update({"depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 2, 2], "patch_embeds_hidden_size": 8,
+                      "hidden_size": 64, "patch_size": 4, "patch_stride": [4, 4], "window_size": 8})
+    config = ClapConfig(text_config=text, audio_config=audio)
+    config.architectures = ["ClapModel"]
+    return config
+
+
+def _clap_folder(folder: Path, tiny: bool, weights: bool) -> Path:
+    import torch
+    from transformers import ClapFeatureExtractor, ClapModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = clap_config(tiny)
+    if weights:
+        torch.manual_seed(0)
+        ClapModel(config).save_pretrained(folder)
+    else:
+        config.save_pretrained(folder)
+    ClapFeatureExtractor(truncation="fusion").save_pretrained(folder)
+    return folder
+
+
+def _clap_features(samples, extractor, device):
+    from larcq_ray.models.clap_features import clap_features_torch  # the features helper's torch path
+
+    return clap_features_torch(samples, True, seed=0, extractor=extractor, device=device)
+
+
+def section_clap_htsat(work: Path, dry: bool, why: str) -> dict:
+    import numpy as np
+    import torch
+    from transformers import ClapFeatureExtractor, ClapModel
+
+    from larcq_ray.models.clap import ClapAudioEncoder
+
+    device, dtype = _device_dtype(dry)
+    folder = _clap_folder(work / "clap_full", dry, weights=False)
+    t = time.perf_counter()
+    with _weights_from_config(ClapModel, [folder], device, 1):
+        enc = ClapAudioEncoder(str(folder), device, dtype, local_files_only=True)
+    figs = _after_load(device, t)
+    audio = enc.model.audio_model
+    figs.update(params_b=round(_n_params(enc.model.audio_model) + _n_params(enc.model.audio_projection), 4),
+                dtype=str(enc.dtype), device=str(enc.device), fusion=bool(enc.model.config.audio_config.enable_fusion))
+    if dry:
+        with torch.device("meta"):
+            full = ClapModel(clap_config(False))
+        figs["full_size_audio_params_b"] = round(_n_params(full.audio_model) + _n_params(full.audio_projection), 4)
+    del audio
+    extractor = ClapFeatureExtractor.from_pretrained(folder)
+    batch = 4 if dry else CLAP_BATCH
+    rng = np.random.default_rng(0)
+    host = torch.from_numpy((0.1 * rng.standard_normal((batch, int(WINDOW_S * CLAP_SR)))).astype(np.float32))
+    try:
+        _clap_features(host[:1].to(device), extractor, device)
+        figs["features"] = "larcq_ray.models.clap_features.clap_features_torch on the device"
+        gpu_features = True
+    except ImportError as e:
+        figs["features"] = f"precomputed (clap_features not importable: {e})"
+        gpu_features = False
+    fixed = None if gpu_features else torch.zeros(batch, 4, 1001, 64, device=device)
+
+    def step(samples_host):
+        samples = samples_host.to(device, non_blocking=True)
+        if gpu_features:
+            feats, longer = _clap_features(samples, extractor, device)
+        else:
+            feats, longer = fixed, torch.zeros(batch, dtype=torch.bool)
+        with torch.inference_mode():
+            out = enc.model.get_audio_features(input_features=feats.to(enc.dtype),
+                                               is_longer=longer.reshape(-1, 1).to(device))
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    def timed(fn, reps):
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) / reps
+
+    reps = 1 if dry else 5
+    per_batch = timed(lambda: step(host), reps)
+    figs["chunks_per_s"] = round(batch / per_batch, 1)
+    figs["audio_s_per_s"] = round(batch * WINDOW_S / per_batch, 1)
+    if gpu_features:
+        dev_samples = host.to(device)
+        feat_s = timed(lambda: _clap_features(dev_samples, extractor, device), reps)
+        figs["features_ms_per_chunk"] = round(1000 * feat_s / batch, 4)
+        feats, longer = _clap_features(dev_samples, extractor, device)
+        feats = feats.to(enc.dtype)
+        longer = longer.reshape(-1, 1)
+
+        def encode_only():
+            with torch.inference_mode():
+                enc.model.get_audio_features(input_features=feats, is_longer=longer)
+
+        figs["encoder_only_chunks_per_s"] = round(batch / timed(encode_only, reps), 1)
+    figs["batch"] = batch
+    figs.update(_memory(device))
+    figs["path"] = "larcq_ray.models.clap.ClapAudioEncoder's model, features from larcq_ray.models.clap_features"
+    enc = None  # the closures above hold the name: drop the model itself
+    _release()
+
+    small = _clap_folder(work / "clap_small", True, weights=True)
+    waves = torch.from_numpy((0.1 * rng.standard_normal((2, int(WINDOW_S * CLAP_SR)))).astype(np.float32))
+
+    def load(dev, dt):
+        return ClapAudioEncoder(str(small), dev, dt, local_files_only=True)
+
+    def run(e):
+        feats, longer = _clap_features(waves.to(e.device), extractor, str(e.device)) if gpu_features else \
+            (torch.zeros(2, 4, 1001, 64), torch.zeros(2, dtype=torch.bool))
+        return e(feats, longer.cpu().numpy())
+
+    figs.update(_match_or_error(load, run, device))
+    return figs
+
+
+# -- re-rankers -------------------------------------------------------------------------------------
+
+RERANK_REQUESTS = 32  # queries per timed call
+RERANK_DOCS = 50  # candidates per query
+
+
+def _bert_tokenizer_folder(folder: Path):
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for t in CORPUS for w in t.split()})
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+    tok.save_pretrained(folder)
+    return tok
+
+
+def cross_encoder_config(tiny: bool):
+    """cross-encoder/ms-marco-MiniLM-L-6-v2's shape (the default cross-encoder); tiny: small dims."""
+    from transformers import BertConfig
+
+    if tiny:
+        return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=512, num_labels=1)
+    return BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                      intermediate_size=1536, max_position_embeddings=512, num_labels=1)
+
+
+def _cross_encoder_folder(folder: Path, tiny: bool) -> Path:
+    import torch
+    from transformers import BertForSequenceClassification
+
+    _bert_tokenizer_folder(folder)
+    torch.manual_seed(0)
+    BertForSequenceClassification(cross_encoder_config(tiny)).save_pretrained(folder)  # 23 M params: quick
+    return folder
+
+
+def _requests(n: int, docs: int) -> list:
+    return [(CORPUS[i % len(CORPUS)], [CORPUS[(i + j) % len(CORPUS)] for j in range(docs)]) for i in range(n)]
+
+
+def _rerank_cfg(kind: str, model: Path, device: str, dtype: str, **kw):
+    from larcq_ray.rerank.config import RerankBackendConfig
+
+    return RerankBackendConfig(kind=kind, model=str(model), device=device, dtype=dtype, **kw)
+
+
+def _time_scores(backend, requests, device: str, reps: int) -> float:
+    backend.score(requests)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        backend.score(requests)
+    _sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def section_cross_encoder(work: Path, dry: bool, why: str) -> dict:
+    import numpy as np
+
+    from larcq_ray.rerank.backends import build_backend
+
+    device, dtype = _device_dtype(dry)
+    folder = _cross_encoder_folder(work / "ce_full", dry)
+    t = time.perf_counter()
+    backend = build_backend(_rerank_cfg("cross-encoder", folder, device, dtype, batch_size=256))
+    figs = _after_load(device, t)
+    figs.update(params_b=_n_params(backend.model.model), dtype=str(next(backend.model.model.parameters()).dtype))
+    n_req, n_docs = (4, 8) if dry else (RERANK_REQUESTS, RERANK_DOCS)
+    requests = _requests(n_req, n_docs)
+    per_call = _time_scores(backend, requests, device, 1 if dry else 5)
+    figs.update(pairs_per_s=round(n_req * n_docs / per_call, 1), requests=n_req, docs_per_request=n_docs,
+                batch_size=256)
+    figs.update(_memory(device))
+    figs["path"] = "larcq_ray.rerank.backends.CrossEncoderBackend.score"
+    del backend
+    _release()
+    small = _cross_encoder_folder(work / "ce_small", True)
+    reqs = _requests(2, 6)
+
+    def load(dev, dt):
+        return build_backend(_rerank_cfg("cross-encoder", small, dev, dt))
+
+    figs.update(_match_or_error(load, lambda b: np.asarray(b.score(reqs), np.float64), device))
+    return figs
+
+
+def listwise_config(tiny: bool, tok):
+    """Qwen2.5-7B-Instruct's shape (a 7B-class listwise LM); tiny: small dims."""
+    from transformers import Qwen2Config
+
+    ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "bos_token_id": None}
+    if tiny:
+        return Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, **ids)
+    return Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                       rope_theta=1000000.0, **ids)
+
+
+def _listwise_folder(folder: Path, tiny: bool, weights: bool) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, _ = build_decoder_folder(folder, True)  # tokenizer (+ a tiny Llama config, replaced below)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    config = listwise_config(tiny, tok)
+    config.architectures = ["Qwen2ForCausalLM"]
+    if weights:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    else:
+        config.save_pretrained(folder)
+    return folder
+
+
+def _last_logits(backend, prompts: list) -> "object":
+    import torch
+
+    enc = backend.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(backend.device)
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        logits = backend.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                               position_ids=positions, logits_to_keep=1).logits[:, -1, :]
+    return logits.float().cpu().numpy()
+
+
+def section_listwise_lm(work: Path, dry: bool, why: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from larcq_ray.rerank.backends import build_backend
+
+    device, dtype = _device_dtype(dry)
+    folder = _listwise_folder(work / "lw_full", dry, weights=dry)
+    t = time.perf_counter()
+    max_docs = 20
+    with _weights_from_config(AutoModelForCausalLM, [] if dry else [folder], device, 1):
+        backend = build_backend(_rerank_cfg("transformers", folder, device, dtype, batch_size=16,
+                                            max_documents_per_prompt=max_docs))
+    figs = _after_load(device, t)
+    figs.update(params_b=_n_params(backend.model), dtype=str(next(backend.model.parameters()).dtype))
+    if dry:
+        import torch
+
+        with torch.device("meta"):
+            full = AutoModelForCausalLM.from_config(listwise_config(False, backend.tokenizer))
+        figs["full_size_params_b"] = _n_params(full)
+    n_req, n_docs = (2, 8) if dry else (16, RERANK_DOCS)
+    requests = _requests(n_req, n_docs)
+    per_call = _time_scores(backend, requests, device, 1 if dry else 3)
+    figs.update(candidates_per_s=round(n_req * n_docs / per_call, 1), requests=n_req, docs_per_request=n_docs,
+                max_documents_per_prompt=max_docs, batch_size=16,
+                prompt_tokens=int(len(backend.tokenizer(backend._render(*requests[0][:1], requests[0][1][:max_docs],
+                                                                         backend.labels[:max_docs]))["input_ids"])))
+    figs.update(_memory(device))
+    figs["path"] = "larcq_ray.rerank.backends.TransformersListwiseBackend.score"
+    del backend
+    _release()
+    small = _listwise_folder(work / "lw_small", True, weights=True)
+    prompts = [CORPUS[0] + "\n1. " + CORPUS[1] + "\n2. " + CORPUS[2] + "\n", CORPUS[3] + "\n"]
+
+    def load(dev, dt):
+        return build_backend(_rerank_cfg("transformers", small, dev, dt, max_documents_per_prompt=4))
+
+    figs.update(_match_or_error(load, lambda b: _last_logits(b, prompts), device))
+    return figs
+
+
+# -- CPU match for the captioners (first-token logits) -------------------------------------------------
+
+
+def _alm_small_folder(work: Path, arch: str) -> Path:
+    """A reduced-size model of `arch` with saved random weights (tokenizer and processor as the section's)."""
+    import torch
+    import transformers
+
+    folder = work / f"{arch}_small"
+    if arch == "Qwen2AudioForConditionalGeneration":
+        from larcq_ray.offline.tiny_alm import build_tiny_qwen2_audio
+
+        return build_tiny_qwen2_audio(folder, CORPUS, seed=0, chunk_length_s=10)
+    folder, config = build_af3_folder(folder, True)
+    torch.manual_seed(0)
+    getattr(transformers, arch)(config).save_pretrained(folder)
+    return folder
+
+
+def _alm_first_logits(backend, waves) -> "object":
+    import torch
+
+    inputs = backend.processor(text=backend._prompts(len(waves)), audio=waves, sampling_rate=backend.sample_rate,
+                               padding=True, return_tensors="pt")
+    inputs = {k: (v.to(backend.device, backend.dtype) if v.is_floating_point() else v.to(backend.device))
+              for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    with torch.inference_mode():
+        return backend.model(**inputs).logits[:, -1, :].float().cpu().numpy()
+
+
+def alm_match(work: Path, arch: str, device: str) -> dict:
+    from larcq_ray.caption.config import CaptionBackendConfig
+    from larcq_ray.caption.hf_audio_lm import HfAudioLmBackend
+
+    folder = _alm_small_folder(work, arch)
+
+    def load(dev, dt):
+        return HfAudioLmBackend(CaptionBackendConfig(kind="hf-audio-lm", model=str(folder), prompt=PROMPT,
+                                                     window_s=WINDOW_S, dtype=dt, device=dev, local_files_only=True))
+
+    waves = None
+
+    def run(backend):
+        nonlocal waves
+        waves = waves or _noise(2, WINDOW_S, backend.sample_rate)
+        return _alm_first_logits(backend, waves)
+
+    return _match_or_error(load, run, device)
+
+
+def prefix_lm_match(work: Path, device: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from larcq_ray.caption.connectors import ConnectorSpec
+    from larcq_ray.caption.prefix_decoder import DecoderSpec, build_inputs
+    from larcq_ray.caption.prefix_lm import EncoderSpec, PrefixLm, PrefixLmConfig
+
+    enc = build_clap_encoder(work / "plm_small_clap", True)
+    dec, config = build_decoder_folder(work / "plm_small_decoder", True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dec)
+    cfg = PrefixLmConfig(encoder=EncoderSpec(name_or_path=str(enc), type="clap"), connector=ConnectorSpec(),
+                         decoder=DecoderSpec(name_or_path=str(dec), train="frozen"))
+    folder = PrefixLm(cfg, local_files_only=True).save(work / "plm_small")
+
+    def load(dev, dt):
+        return PrefixLm.load(folder, device=dev, dtype=dt, local_files_only=True)
+
+    def run(model):
+        feats = model.featurize(_noise(2, WINDOW_S, model.sample_rate))
+        with torch.inference_mode():
+            embeds, mask, pos, _ = build_inputs(model.module.decoder, model.tokenizer, model.prefix(feats),
+                                                model.cfg.prompt)
+            out = model.module.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
+        return out.logits[:, -1, :].float().cpu().numpy()
+
+    return _match_or_error(load, run, device)
+
+
 SECTION_FNS = {"env": section_env, "prefix_lm_7b": section_prefix_lm_7b, "qwen2_audio_7b": section_qwen2_audio_7b,
-               "af3_7b": section_af3_7b, "prefix_lm_1b_cost": section_prefix_lm_1b_cost}
+               "af3_7b": section_af3_7b, "prefix_lm_1b_cost": section_prefix_lm_1b_cost,
+               "clap_htsat": section_clap_htsat, "cross_encoder": section_cross_encoder,
+               "listwise_lm": section_listwise_lm}
 
 
 def run_section(name: str, out: Path, work: Path) -> int:
     t0 = time.perf_counter()
     rec: dict = {"section": name}
+    CREATED.clear()  # several sections may share one process (a CPU dry run)
     try:
         missing = missing_packages(NEEDS[name])
         if missing:
             raise Skip(f"missing python packages: {', '.join(missing)}"
                        + (f"; {WHEELS_HINT}" if "pydantic" in missing else ""))
-        dry, why = dry_run()
-        rec["mode"] = "dry-run" if dry else "gpu"
+        device, dry, why = run_mode()
+        rec["mode"] = _mode_name(device, dry)
         rec["settings"] = _settings(dry)
-        if dry:
-            import torch
+        import torch
 
-            torch.manual_seed(0)
+        torch.manual_seed(0)
+        if device == "cpu" and dry:
             torch.set_num_threads(1)  # tiny ops: more threads only spin (30x slower on a busy 2-core CI box)
         figs = SECTION_FNS[name](work / name, dry, why)
         rec["status"] = "ok"
         rec["figures"] = figs
-        if dry and "ray" in sys.modules:
-            rec["status"], rec["reason"] = "failed", "ray was imported in a CPU dry run"
+        if "ray" in sys.modules:  # the GPU machine has no Ray: no section may need it
+            rec["status"], rec["reason"] = "failed", "ray was imported (the GPU machine has no Ray)"
         rc = 0 if rec["status"] == "ok" else 1
     except Skip as e:
         rec.update(status="skipped", reason=str(e))
@@ -759,6 +1251,27 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _throughput(f: dict) -> str:
+    for key, unit in (("chunks_per_s", "10-s chunks/s"), ("pairs_per_s", "pairs/s"),
+                      ("candidates_per_s", "candidates/s"), ("windows_per_s", "windows/s")):
+        if f.get(key) is not None:
+            return f"{_fmt(f[key])} {unit}"
+    return ""
+
+
+def _match_cell(f: dict) -> str:
+    if "match_ok" not in f:
+        return ""
+    if f.get("match_error"):
+        return "error: " + f["match_error"][:60].replace("|", "/")
+    parts = []
+    if "fp32_max_abs_diff" in f:
+        parts.append(f"fp32 diff {f['fp32_max_abs_diff']:.1e}")
+    if "bf16_min_cosine" in f:
+        parts.append(f"bf16 cos {f['bf16_min_cosine']:.4f}")
+    return ("ok: " if f["match_ok"] else "NO: ") + ", ".join(parts)
+
+
 def report(out: Path) -> int:
     recs = read_lines(out)
     env = next((r for r in recs if r.get("section") == "env" and r.get("figures")), None)
@@ -772,15 +1285,17 @@ def report(out: Path) -> int:
             lines.append(f"- missing python packages: {', '.join(f['missing_packages'])}")
     lines.append(f"- settings: {WINDOW_S:g} s windows, batch {BATCH}, {MAX_NEW_TOKENS} new tokens (greedy, forced), "
                  "random weights; one warm-up batch, then timed batches")
-    lines += ["", ("| section | status | mode | audio s/s | windows/s | tokens/s | params (B) | peak GPU GiB | "
-              "load s | section s | note |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines.append(f"- CPU match: a small input through a reduced-size model of the same architecture, CPU fp32 vs "
+                 f"the device in fp32 (max abs diff <= {FP32_TOL:g}) and in bf16 (min cosine >= {BF16_COS:g})")
+    lines += ["", ("| section | status | mode | throughput | audio s/s | tokens/s | params (B) | peak GPU GiB | "
+              "load s | section s | CPU match | note |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_name = {}
     for r in recs:
         by_name[r.get("section")] = r  # the last line of a section wins
     for name in [*SECTIONS, *[n for n in by_name if n not in SECTIONS]]:
         r = by_name.get(name)
         if r is None:
-            lines.append(f"| {name} | missing | | | | | | | | | no line written |")
+            lines.append(f"| {name} | missing | | | | | | | | | | no line written |")
             continue
         f = r.get("figures") or {}
         note = r.get("reason") or ""
@@ -788,11 +1303,11 @@ def report(out: Path) -> int:
             note = f"{f.get('gpu_name') or 'cpu'}, bf16 {f.get('bf16_supported')}"
         elif not note:
             note = f.get("path", "").split(" (")[0]
-        lines.append("| " + " | ".join([name, r.get("status", "?"), r.get("mode", ""), _fmt(f.get("audio_s_per_s")),
-                                        _fmt(f.get("windows_per_s")), _fmt(f.get("tokens_per_s")),
+        lines.append("| " + " | ".join([name, r.get("status", "?"), r.get("mode", ""), _throughput(f),
+                                        _fmt(f.get("audio_s_per_s")), _fmt(f.get("tokens_per_s")),
                                         _fmt(f.get("params_b")),
                                         _fmt(f.get("peak_gpu_gib")), _fmt(f.get("load_s")), _fmt(r.get("seconds")),
-                                        note.replace("|", "/")[:160]]) + " |")
+                                        _match_cell(f), note.replace("|", "/")[:160]]) + " |")
     costs = [(n, r["figures"]["cost"]) for n, r in by_name.items() if (r.get("figures") or {}).get("cost")]
     if costs:
         lines += ["", f"Cost, seed 004's protocol (batch 1, {COST_RUNS['warmup_runs']} warm-up + "
@@ -831,6 +1346,10 @@ def main(argv=None) -> int:
     s.add_argument("name", choices=SECTIONS)
     s.add_argument("--out", required=True)
     s.add_argument("--work", required=True)
+    m = sub.add_parser("sections", help="several sections in one process (the CPU dry run: one import of torch)")
+    m.add_argument("names", nargs="+", choices=SECTIONS)
+    m.add_argument("--out", required=True)
+    m.add_argument("--work", required=True)
     f = sub.add_parser("finish")
     f.add_argument("name")
     f.add_argument("--out", required=True)
@@ -846,6 +1365,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "section":
         return run_section(a.name, Path(a.out), Path(a.work))
+    if a.cmd == "sections":
+        rcs = [run_section(n, Path(a.out), Path(a.work)) for n in a.names]
+        return max(rcs)
     if a.cmd == "finish":
         return finish_section(a.name, Path(a.out), a.rc, a.cap)
     if a.cmd == "skip":

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("rerank", "re-rank the shortlist from its captions through the /rerank service (reranked.parquet)"),
         ("serve", "run the /rerank Ray Serve application until stopped (--search: /search beside it)"),
         ("serve-search", "run the /search Ray Serve application over run_dir/index until stopped (search.serve)"),
+        ("build-ann", "build (or rebuild) the FAISS index over run_dir/index's chunk embeddings for "
+                      "search.method: ann (search.ann)"),
         ("synthesize", "build a LARCQ benchmark (long audios + long queries) from a captioned clip dataset"),
         ("refine", "rewrite the benchmark's raw queries with an LLM (queries_condensed.csv / queries_rephrased.csv)"),
         ("train-clap", "contrastive CLAP training (full or --lora) on Ray Train (model_best/, train_summary.json)"),

@@ -110,6 +110,12 @@ def _serve_search(cfg: PipelineConfig) -> None:
     serve_until_stopped([search_app(cfg)], sc.host, sc.port, cfg.ray.address, cfg.ray.num_cpus)
 
 
+def _build_ann(cfg: PipelineConfig):
+    from larcq_ray.search import ann
+
+    return ann.run(cfg)
+
+
 def _train_clap(cfg: PipelineConfig):
     from larcq_ray.train import job
 
@@ -130,7 +136,7 @@ def _eval_alm(cfg: PipelineConfig):
 
 COMMANDS = {**STAGE_RUNNERS, "run": run_stages, "benchmark": run_benchmark, "serve": _serve,
             "serve-search": _serve_search, "train-clap": _train_clap, "train-captioner": _train_captioner,
-            "eval-alm": _eval_alm}
+            "eval-alm": _eval_alm, "build-ann": _build_ann}
 # Commands whose artifacts go to run_dir: a remote run_dir (s3://...) is staged around them.
 RUN_DIR_COMMANDS = {"index", "search", "evaluate", "caption", "rerank", "run", "benchmark"}
 # Commands that keep finished work when interrupted (a re-run resumes).
@@ -149,4 +155,9 @@ def run_command(command: str, cfg: PipelineConfig) -> None:
         if command in ("index", "run", "benchmark"):
             local.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, local / artifacts.RUN_CONFIG)  # as given: run_dir stays the user's location
-        COMMANDS[command](cfg.model_copy(update={"run_dir": str(local)}))
+        update: dict = {"run_dir": str(local)}
+        if str(local) != str(cfg.run_dir) and not cfg.index.location:  # staged: the index stays where it is
+            from larcq_ray.index.store import index_root
+
+            update["index"] = cfg.index.model_copy(update={"location": index_root(cfg)})
+        COMMANDS[command](cfg.model_copy(update=update))

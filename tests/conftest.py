@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 import soundfile as sf
 
@@ -223,3 +225,23 @@ def fuzz_openapi(base_url: str, max_examples: int, headers: dict | None = None) 
         fuzz()
         done.append(f"{operation.method.upper()} {operation.path}")
     return done
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """Base URI of a fresh bucket; credentials ride in the URI so Ray workers need no env."""
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
+    port = _free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://k:s@larcq/x?{query}&allow_bucket_creation=true")
+    fs.create_dir("larcq")
+    yield lambda key: f"s3://k:s@larcq/{key}?{query}"
+    server.stop()

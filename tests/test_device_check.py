@@ -1,5 +1,6 @@
-"""benchmarks/device_check.sh, the GPU machine's prepared script, as a CPU dry run: every section runs
-(tiny dims, no Ray), writes its JSON line with a throughput, and the markdown table is written."""
+"""benchmarks/device_check.sh, the GPU machine's prepared script, as a CPU dry run (`--cpu --tiny`):
+every section runs (tiny dims) with `import ray` blocked as on the GPU machine, writes its JSON line
+with a throughput and its CPU-match figures, and the markdown table is written."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
-SECTIONS = ["env", "prefix_lm_7b", "qwen2_audio_7b", "af3_7b", "prefix_lm_1b_cost"]
+SECTIONS = ["env", "clap_htsat", "cross_encoder", "listwise_lm", "qwen2_audio_7b", "af3_7b", "prefix_lm_7b",
+            "prefix_lm_1b_cost"]
+MATCHED = {"clap_htsat", "cross_encoder", "listwise_lm", "qwen2_audio_7b", "af3_7b", "prefix_lm_7b"}
 
 
 def _helper():
@@ -33,10 +37,10 @@ def test_dry_run_runs_every_section(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICE_CHECK_")}
     # The repo root on PYTHONPATH is the script's own job: it must not rely on an installed larcq_ray.
-    env.update(DEVICE_CHECK_DRY_RUN="1", OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    env.update(OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path))
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run(["bash", str(SCRIPT)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(["bash", str(SCRIPT), "--cpu", "--tiny"], check=False, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
 
@@ -51,9 +55,25 @@ def test_dry_run_runs_every_section(tmp_path):
         assert r["mode"] == "dry-run"
         assert r["ray_imported"] is False  # a CPU dry run never imports Ray
         figs = r["figures"]
+        if name in MATCHED:  # the path's output vs its CPU float32 result (bf16 on CPU here)
+            assert figs["match_ok"] is True and figs["bf16_min_cosine"] >= 0.99, (name, figs)
+            assert "fp32_max_abs_diff" not in figs  # CPU only: no device float32 to compare
         if name == "env":
             assert figs["versions"]["torch"] and figs["versions"]["transformers"]
             assert figs["missing_packages"] == [] and figs["bf16_supported"] is False
+            assert figs["ray_importable"] is False  # the script's blocker, as on the GPU machine
+            continue
+        if name == "clap_htsat":
+            assert figs["chunks_per_s"] > 0 and figs["encoder_only_chunks_per_s"] > 0 and figs["fusion"] is True
+            assert figs["features"].startswith("larcq_ray.models.clap_features")  # torch features, not precomputed
+            assert 0.025 < figs["full_size_audio_params_b"] < 0.035  # HTSAT (CLAP's audio tower) + projection
+            continue
+        if name == "cross_encoder":
+            assert figs["pairs_per_s"] > 0 and figs["path"].endswith("CrossEncoderBackend.score")
+            continue
+        if name == "listwise_lm":
+            assert figs["candidates_per_s"] > 0 and figs["path"].endswith("TransformersListwiseBackend.score")
+            assert 7.0 < figs["full_size_params_b"] < 8.0  # Qwen2.5-7B's shape
             continue
         if name == "prefix_lm_1b_cost":  # issue 12's cost table: seed 004's protocol
             c = figs["cost"]
@@ -77,8 +97,30 @@ def test_dry_run_runs_every_section(tmp_path):
     md = (out / "device_check.md").read_text()
     for name in SECTIONS:
         assert f"| {name} |" in md
+    assert "10-s chunks/s" in md and "pairs/s" in md and "candidates/s" in md and "ok: bf16 cos" in md
     assert "| prefix_lm_1b_cost | cpu | float32 |" in md and "TTFT ms" in md  # the cost table
     assert (out / "device_check.log").is_file()
+
+
+@pytest.mark.parametrize("flag", ["DEVICE_CHECK_DRY_RUN", "DEVICE_CHECK_CPU"])
+def test_env_var_interface_and_the_ray_blocker(tmp_path, flag):
+    """DEVICE_CHECK_DRY_RUN=1 still means --cpu --tiny (one process); DEVICE_CHECK_CPU=1 alone runs the
+    GPU machine's loop (a process per section, under its cap), tiny on CPU; Ray cannot be imported."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICE_CHECK_")}
+    env.update({flag: "1"}, DEVICE_CHECK_SECTIONS="env", OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(SCRIPT)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    r = _lines(out)["env"]
+    assert r["status"] == "ok" and r["mode"] == "dry-run" and r["figures"]["ray_importable"] is False
+    log = (out / "device_check.log").read_text()
+    if flag == "DEVICE_CHECK_DRY_RUN":
+        assert "in one process" in log
+    else:
+        assert "section env (cap 15 s" in log and "in one process" not in log
+    bad = subprocess.run(["bash", str(SCRIPT), "--gpu"], check=False, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument --gpu" in bad.stderr
 
 
 def test_killed_section_is_recorded_and_reported(tmp_path):

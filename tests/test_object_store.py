@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -16,26 +14,6 @@ from larcq_ray.cli import main
 from larcq_ray.core.storage import is_uri, open_location, staged_run_dir
 
 from test_synthesis import _clotho_source, _files
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """Base URI of a fresh bucket; credentials ride in the URI so Ray workers need no env."""
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
-    port = _free_port()
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://k:s@larcq/x?{query}&allow_bucket_creation=true")
-    fs.create_dir("larcq")
-    yield lambda key: f"s3://k:s@larcq/{key}?{query}"
-    server.stop()
 
 
 def test_uri_detection():

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +18,11 @@ import yaml
 
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.core.inputs import read_queries
+from larcq_ray.core.stage import Resources
 from larcq_ray.synthesize.config import SynthesizeConfig
 from larcq_ray.synthesize.job import run_synthesize
 from larcq_ray.synthesize.plan import LongAudioPlan, PlannedClip
-from larcq_ray.synthesize.render import render_batch
+from larcq_ray.synthesize.render import render_batch, run_render_tasks
 
 from conftest import CAPTIONS, tone
 
@@ -183,3 +188,90 @@ def test_synthesize_cli_and_bad_source(ray_session, source, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["synthesize", "--config", str(tmp_path / "c.yaml")]) == 2
     assert "query_caption" in capsys.readouterr().err
+
+
+@dataclass
+class _MeetStage:
+    """Rows "long", "s0", "s1", ... and "die". "long" runs until every "s*" row has finished, and
+    each "s*" row first waits for "long" to be running (a wait gives up after 30 s, or once
+    "long" has ended, noted "timeout"); a row notes how many rows were running beside it; "die" kills its worker."""
+
+    folder: str
+    n_short: int
+    name: str = "meet"
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1)
+
+    def setup(self) -> None:
+        pass
+
+    def _wait(self, ready) -> str:
+        deadline = time.monotonic() + 30
+        while not ready():
+            if time.monotonic() > deadline or (Path(self.folder) / "end-long").exists():
+                return "timeout"
+            time.sleep(0.02)
+        return "ok"
+
+    def process_batch(self, batch: dict) -> dict:
+        folder, out = Path(self.folder), []
+        for key in batch["key"]:
+            key = str(key)
+            if key == "die":
+                os._exit(1)
+            (folder / f"run-{key}").touch()
+            if key == "long":
+                note = self._wait(lambda: len(list(folder.glob("done-*"))) >= self.n_short)
+                running = 0
+                (folder / "end-long").touch()  # short rows that still wait for it give up
+            else:
+                note = self._wait(lambda: (folder / "run-long").exists())
+                running = len(list(folder.glob("run-*")))
+                (folder / f"done-{key}").touch()
+            (folder / f"run-{key}").unlink()
+            out.append((key, note, running))
+        return {"key": np.asarray([o[0] for o in out]), "note": np.asarray([o[1] for o in out]),
+                "running": np.asarray([o[2] for o in out])}
+
+    def failed_batch(self, batch: dict, reason: str) -> dict:
+        n = len(batch["key"])
+        return {"key": np.asarray(batch["key"]), "note": np.asarray([reason] * n), "running": np.zeros(n, dtype=int)}
+
+
+def test_render_tasks_keep_every_worker_busy_and_lose_no_row(ray_session, tmp_path):
+    """The render stage scales with workers: a finished render's slot is refilled at once.
+
+    With 2 workers, one long render runs until all the short ones are done, and each short one
+    waits for the long one to be running: they must all run beside it, one after another in the
+    other slot. A runner that ran one render at a time, or waited for every render in flight
+    before starting more, leaves them at their timeouts. (The
+    Ray Data stage it replaces did get there, but only after up to 0.1 s of idle slot per task:
+    benchmarks/bench_synthesis.py measures that; this test checks the structure without timing.)
+    """
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module
+    n_short = 6
+    keys = ["long"] + [f"s{i}" for i in range(n_short)] + ["die"]
+    stage = _MeetStage(str(tmp_path), n_short)
+    rows = [row for b in run_render_tasks(stage, [{"key": np.asarray([k])} for k in keys], 2)
+            for row in zip(b["key"], b["note"], b["running"])]
+    assert sorted(r[0] for r in rows) == sorted(keys)  # every row back, once
+    notes = {str(k): str(n) for k, n, _ in rows}
+    assert all(notes[k] == "ok" for k in keys[:-1]), notes  # "long" and every "s*" met
+    assert "WorkerCrashedError" in notes["die"] or "died" in notes["die"].lower(), notes["die"]
+    # each short render ran beside "long", and never a third one: 2 workers, both busy
+    assert {int(r) for k, _, r in rows if str(k).startswith("s")} == {2}
+
+
+def test_synthesize_renders_one_audio_per_task_with_num_workers(ray_session, source, tmp_path, monkeypatch):
+    import larcq_ray.synthesize.job as job
+
+    calls = []
+
+    def spy(stage, batches, workers):
+        calls.append(([len(b["plan"]) for b in batches], workers))
+        return run_render_tasks(stage, batches, workers)
+
+    monkeypatch.setattr(job, "run_render_tasks", spy)
+    summary = run_synthesize(_cfg(source, tmp_path / "w", num_workers=2))
+    assert summary.written == 6 and calls == [([1] * 6, 2)]

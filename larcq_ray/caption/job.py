@@ -132,7 +132,10 @@ def run_caption(audio_refs: list[AudioRef], cfg: CaptionBackendConfig, out_path:
 
     def commit(results: list[FileResult]) -> None:
         nonlocal n_parts
-        CAPTIONS.write_to(parts / f"part-{n_parts:06d}.parquet", [row for r in results for row in r.payload])
+        from larcq_ray.core.storage import publish
+
+        part = CAPTIONS.write_to(parts / f"part-{n_parts:06d}.parquet", [row for r in results for row in r.payload])
+        publish(part)  # a remote run_dir gets the part now: it survives the driver's death
         n_parts += 1
 
     try:
@@ -174,14 +177,14 @@ def run(cfg) -> FileJobSummary:
 
     run_dir, cc = Path(cfg.run_dir), cfg.caption
     if cc.audio_ids == INDEX_IDS:  # the whole indexed corpus: captions for /search's rerank
-        from larcq_ray.index.store import IndexStore
+        from larcq_ray.index.store import IndexStore, index_root
 
-        store = IndexStore(run_dir / "index")
+        store = IndexStore(index_root(cfg))
         if not store.exists():
-            raise LarcqError(f"caption.audio_ids: index, but there is no index in {store.root}: run `larcq-ray index`")
+            raise LarcqError(f"caption.audio_ids: index, but there is no index in {store.uri}: run `larcq-ray index`")
         files = store.read_files().to_pandas()
         ids = sorted(files.loc[files.status == "ok", "audio_id"].astype(str))
-        source = f"every indexed audio of {store.root}"
+        source = f"every indexed audio of {store.uri}"
     elif cc.audio_ids:
         ids = read_audio_id_list(cc.audio_ids)
         source = f"listed in {cc.audio_ids}"

@@ -80,11 +80,16 @@ def file_dataset(refs: Iterable, files_per_task: int):
 
 def collect_files(ds, n_files: int, *, assemble: Callable[[str, list[dict]], FileResult],
                   commit: Callable[[list[FileResult]], None], commit_every: int, summary: FileJobSummary,
-                  desc: str, show_progress: bool) -> FileJobSummary:
-    """Regroup the streamed rows by file, assemble each complete file, commit every `commit_every`."""
+                  desc: str, show_progress: bool, seen: Callable[[dict], None] | None = None) -> FileJobSummary:
+    """Regroup the streamed rows by file, assemble each complete file, commit every `commit_every`.
+
+    A row stands for `n_got` rows of its file when it has that column (a writer stage's status row:
+    the rows themselves went to the store), else for one. `seen` is called with every batch the
+    driver receives (tests check what reaches the driver)."""
     from tqdm import tqdm
 
     pending: dict[str, list[dict]] = defaultdict(list)
+    arrived: dict[str, int] = defaultdict(int)  # rows of each file seen so far
     ready: list[FileResult] = []
     bar = tqdm(total=n_files, unit="file", desc=desc, disable=not show_progress)
 
@@ -96,13 +101,17 @@ def collect_files(ds, n_files: int, *, assemble: Callable[[str, list[dict]], Fil
 
     try:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            if seen is not None:
+                seen(batch)
             n = len(batch["audio_id"])
             for i in range(n):
                 row = {k: batch[k][i] for k in batch}
                 aid = str(row["audio_id"])
                 pending[aid].append(row)
-                if len(pending[aid]) < int(row["n_rows"]):
+                arrived[aid] += int(row["n_got"]) if "n_got" in row else 1
+                if arrived[aid] < int(row["n_rows"]):
                     continue
+                del arrived[aid]
                 result = assemble(aid, pending.pop(aid))
                 summary.add(result)
                 ready.append(result)

@@ -26,6 +26,8 @@ from typing import Any, Literal, Protocol, Union
 
 import numpy as np
 
+from larcq_ray.core.devices import free_accelerator_memory, is_out_of_memory  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
@@ -80,14 +82,6 @@ def resolve(res: Resources) -> Resources:
 # -- the batch rule ------------------------------------------------------------------------
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    name = type(exc).__name__
-    text = str(exc).lower()
-    return name == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
-
-
 def batch_len(batch: Batch) -> int:
     return len(next(iter(batch.values()))) if batch else 0
 
@@ -103,30 +97,26 @@ def concat_batches(parts: list[Batch]) -> Batch:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _free_accelerator_memory() -> None:
-    import sys
-
-    torch = sys.modules.get("torch")  # only if the stage imported it
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def run_batch(stage: Stage, batch: Batch) -> Batch:
     """`stage.process_batch` under the rule: split on out-of-memory, fail rows (never lose them)."""
     try:
         return stage.process_batch(batch)
     except Exception as e:  # noqa: BLE001 - one batch must never end the job
-        n = batch_len(batch)
-        if is_out_of_memory(e):
-            _free_accelerator_memory()
-            if n > 1:
-                half = n // 2
-                log.debug("%s: out of memory on a batch of %d rows; retrying as %d + %d", stage.name, n, half, n - half)
-                return concat_batches([run_batch(stage, slice_batch(batch, 0, half)),
-                                       run_batch(stage, slice_batch(batch, half, n))])
-            return stage.failed_batch(batch, f"{stage.name}: out of memory on a single row ({type(e).__name__})")
+        oom = is_out_of_memory(e)
         first = str(e).strip().splitlines()[0][:240] if str(e).strip() else ""
-        return stage.failed_batch(batch, f"{stage.name}: {type(e).__name__}: {first}")
+        what = type(e).__name__
+    # Out of the except block, so the exception's traceback (frames holding the failed batch's GPU
+    # tensors) is gone before the cache is emptied and the halves are retried.
+    n = batch_len(batch)
+    if oom:
+        free_accelerator_memory()
+        if n > 1:
+            half = n // 2
+            log.debug("%s: out of memory on a batch of %d rows; retrying as %d + %d", stage.name, n, half, n - half)
+            return concat_batches([run_batch(stage, slice_batch(batch, 0, half)),
+                                   run_batch(stage, slice_batch(batch, half, n))])
+        return stage.failed_batch(batch, f"{stage.name}: out of memory on a single row ({what})")
+    return stage.failed_batch(batch, f"{stage.name}: {what}: {first}")
 
 
 # -- Ray Data adapters --------------------------------------------------------------------

@@ -3,11 +3,13 @@
 Two ways in:
 - `open_location(uri)` -> a `Location` (filesystem + base path) that tasks on any node use to
   read and write bytes directly; the benchmark synthesizer writes its audios this way.
-- `staged_run_dir(run_dir)`: the pipeline stages write their run directory on the driver only
-  (index parts, shortlist, captions, metrics), so a remote run_dir is staged: its files are
-  copied to a local scratch folder first (that is what makes resume work on object stores),
-  the stage works there, and new or changed files are uploaded when it ends, also when it fails,
-  so committed index parts survive a crash.
+- `staged_run_dir(run_dir)`: the small artifacts the driver writes (shortlist, caption parts,
+  metrics) live in a local scratch copy of a remote run_dir: its files are copied there first
+  (that is what makes resume work on object stores), the stage works there, and new or changed
+  files are uploaded when it ends, also when it fails. `publish(path)` uploads one file at once:
+  a job calls it when it commits (caption parts), so what it committed survives the driver's
+  death. The index is not staged: it is read and written in place (index/store.py), by the
+  workers, so `index/` is neither downloaded nor uploaded.
 """
 
 from __future__ import annotations
@@ -95,6 +97,24 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
             for p in root.rglob("*") if p.is_file()}
 
 
+# Folders of run_dir that stages read and write in place (never staged).
+IN_PLACE = ("index/",)
+_staged: dict[Path, Location] = {}  # local scratch folder -> the run_dir it stands for
+
+
+def publish(path: str | Path) -> bool:
+    """Upload `path` now if it lies in a staged run_dir's scratch folder; False when nothing is staged."""
+    p = Path(path).resolve()
+    for scratch, loc in list(_staged.items()):
+        try:
+            rel = p.relative_to(scratch)
+        except ValueError:
+            continue
+        loc.write_bytes(rel.as_posix(), p.read_bytes())
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def staged_run_dir(run_dir: str) -> Iterator[Path]:
     """A local folder standing for run_dir for the duration of a stage (see the module doc)."""
@@ -102,9 +122,10 @@ def staged_run_dir(run_dir: str) -> Iterator[Path]:
         yield Path(run_dir)
         return
     loc = open_location(run_dir)
-    scratch = Path(tempfile.mkdtemp(prefix="larcq_run_"))
+    scratch = Path(tempfile.mkdtemp(prefix="larcq_run_")).resolve()
+    _staged[scratch] = loc
     try:
-        pulled = loc.list_files()
+        pulled = [rel for rel in loc.list_files() if not rel.startswith(IN_PLACE)]
         for rel in pulled:
             dest = scratch / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -124,4 +145,5 @@ def staged_run_dir(run_dir: str) -> Iterator[Path]:
             if changed:
                 log.info("uploaded %d files to %s", len(changed), run_dir)
     finally:
+        _staged.pop(scratch, None)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -37,5 +37,18 @@ class IndexConfig(_Strict):
     torch_threads: Optional[int] = None  # CPU actors; None: cores of the node / num_actors
     files_per_decode_task: int = Field(4, ge=1)
     decode_memory_mb: int = Field(512, ge=1)  # memory reserved per decode task
-    commit_every_files: int = Field(64, ge=1)  # files per committed Parquet part
+    # Where CLAP's mel features are computed: "cpu-torch" in the decode tasks (batched, shipped as
+    # float16 mel to GPU actors, 128 KB a chunk; float32 to CPU ones), "device" in the embedding actor
+    # from 48 kHz float32 samples (1.9 MB a chunk, the least CPU per chunk), "cpu-numpy" transformers'
+    # extractor (the reference);
+    # "auto": device where the actors get a GPU, else cpu-torch. benchmarks/bench_features.py measures them.
+    features: Literal["auto", "cpu-torch", "device", "cpu-numpy"] = "auto"
+    commit_every_files: int = Field(64, ge=1)  # files per committed manifest part
+    # Embedded rows per chunks part the writer tasks put in the store (4096 x 512 float32 = 8 MB).
+    rows_per_part: int = Field(4096, ge=1)
+    # On disk: float32, or float16 (half the bytes; search computes in float32 either way).
+    embedding_dtype: Literal["float32", "float16"] = "float32"
+    # Where the index lives: None = <run_dir>/index; or any path or URI (s3://, gs://...): every
+    # stage reads and writes it there in place, workers included.
+    location: Optional[str] = None
     silence_threshold_db: float = -80.0  # peak below this (dBFS) = silent file

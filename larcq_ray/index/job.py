@@ -1,7 +1,10 @@
-"""Index job: corpus -> Ray Data (DecodeChunkStage tasks | ClapEmbedStage actors) -> Parquet index.
+"""Index job: corpus -> Ray Data (DecodeChunkStage tasks | ClapEmbedStage actors | IndexWriteStage
+tasks) -> the index store (index/store.py).
 
-Streaming end to end (see core/file_job.py): the driver regroups rows by file and commits a
-Parquet part every `commit_every_files` complete files, so a re-run resumes where this one stopped.
+Streaming end to end (see core/file_job.py): the writer tasks put the embeddings in the store and
+send the driver one status row per file and batch; the driver adds them up per file and commits a
+manifest part every `commit_every_files` complete files, so a re-run resumes where this one
+stopped. The driver never holds embeddings: its memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -10,13 +13,12 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
 from larcq_ray.config import PipelineConfig
 from larcq_ray.core.file_job import FileJobSummary, FileResult, collect_files, file_dataset, reason_kind
 from larcq_ray.core.inputs import REJECT_KINDS, AudioRef, list_corpus
-from larcq_ray.index.stages import ClapEmbedStage, DecodeChunkStage
-from larcq_ray.index.store import RETRY_KINDS, UNKNOWN, IndexStore, file_stat
+from larcq_ray.index.stages import ClapEmbedStage, DecodeChunkStage, feature_settings
+from larcq_ray.index.store import RETRY_KINDS, UNKNOWN, IndexStore, file_stat, index_root
+from larcq_ray.index.writer import IndexWriteStage
 
 log = logging.getLogger(__name__)
 
@@ -30,33 +32,32 @@ def index_meta(cfg: PipelineConfig, sample_rate: int) -> dict:
         "fusion_seed": cfg.model.fusion_seed,
         "dtype": cfg.model.dtype,
         "adapter": cfg.model.adapter,
+        "embedding_dtype": cfg.index.embedding_dtype,
     }
 
 
 def _assemble(aid: str, rows: list[dict]) -> FileResult:
-    """One file's rows -> its files-table row and its chunk rows (or its failure)."""
-    rows = sorted(rows, key=lambda r: int(r["chunk_index"]))
+    """One file's status rows (one per writer batch) -> its manifest row (or its failure)."""
     first = rows[0]
     bad = [r for r in rows if str(r["status"]) != "ok"]
     error = str(bad[0]["error"]) if bad else ""
     warnings = [w for w in str(first["warning"]).split("; ") if w]
+    parts = sorted({str(r["part"]) for r in rows if str(r["part"])})
+    n_rows = int(first["n_rows"])
     file_row = {
         "audio_id": aid, "duration_s": float(first["duration_s"]), "sample_rate": int(first["sample_rate"]),
         "channels": int(first["channels"]), "n_chunks": int(first["n_chunks"]),
         "status": "failed" if bad else "ok", "error": error, "warning": str(first["warning"]),
+        "chunk_parts": [] if bad else parts,
     }
-    chunks = [] if bad else [
-        {"audio_id": aid, "chunk_index": int(r["chunk_index"]), "start_s": float(r["start_s"]),
-         "end_s": float(r["end_s"]), "embedding": np.frombuffer(r["embedding"], dtype=np.float32)}
-        for r in rows]
-    return FileResult(aid, error=error, warnings=warnings, units=len(chunks), payload=(file_row, chunks))
+    return FileResult(aid, error=error, warnings=warnings, units=0 if bad else n_rows, payload=file_row)
 
 
 def _rejected(ref: AudioRef) -> FileResult:
     """A corpus entry that cannot be indexed (see AudioRef.reject): its failed row, never decoded."""
     file_row = {"audio_id": ref.audio_id, "duration_s": 0.0, "sample_rate": 0, "channels": 0, "n_chunks": 0,
-                "status": "failed", "error": ref.reject, "warning": ""}
-    return FileResult(ref.audio_id, error=ref.reject, payload=(file_row, []))
+                "status": "failed", "error": ref.reject, "warning": "", "chunk_parts": []}
+    return FileResult(ref.audio_id, error=ref.reject, payload=file_row)
 
 
 def plan_resume(store: IndexStore, refs: list[AudioRef], stats: dict[str, tuple[int, int]],
@@ -99,7 +100,7 @@ def plan_resume(store: IndexStore, refs: list[AudioRef], stats: dict[str, tuple[
 
 
 def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_progress: bool = True,
-              drop_missing: bool = True) -> FileJobSummary:
+              drop_missing: bool = True, seen=None) -> FileJobSummary:
     """Index `refs` (default: the whole corpus of cfg.data). With `drop_missing`, `refs` is the corpus:
     indexed files it no longer lists are dropped from the index."""
     from larcq_ray.core.ray_session import ensure_ray
@@ -109,7 +110,7 @@ def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_prog
     from larcq_ray.models.clap import cached_featurizer
 
     fz = cached_featurizer(cfg.model.name_or_path, cfg.model.fusion_seed, cfg.model.local_files_only)  # fail fast
-    store = IndexStore(Path(cfg.run_dir) / "index")
+    store = IndexStore(index_root(cfg))
     store.open_for_write(index_meta(cfg, fz.sample_rate))
 
     summary = FileJobSummary("indexed", "embeddings written")
@@ -127,9 +128,8 @@ def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_prog
     summary.skipped = len(refs) - len(todo) - len(rejected)
 
     def commit(results: list[FileResult]) -> None:
-        files = [{**r.payload[0], "size_bytes": stats[r.audio_id][0], "mtime_ns": stats[r.audio_id][1]}
-                 for r in results]
-        store.commit(files, [c for r in results for c in r.payload[1]])
+        store.commit([{**r.payload, "size_bytes": stats[r.audio_id][0], "mtime_ns": stats[r.audio_id][1]}
+                      for r in results])
 
     if rejected:  # recorded first, without Ray: the entries the listing could not accept
         for r in rejected:
@@ -142,15 +142,17 @@ def run_index(cfg: PipelineConfig, refs: list[AudioRef] | None = None, show_prog
     ic, mc = cfg.index, cfg.model
     decode = DecodeChunkStage(model=mc.name_or_path, fusion_seed=mc.fusion_seed, local_files_only=mc.local_files_only,
                               chunking=ic.chunking.model_dump(), whole_file=ic.whole_file,
-                              silence_threshold_db=ic.silence_threshold_db, memory_mb=ic.decode_memory_mb)
+                              silence_threshold_db=ic.silence_threshold_db, memory_mb=ic.decode_memory_mb,
+                              **feature_settings(ic.features, ic.num_gpus_per_actor, mc.device))
     embed = ClapEmbedStage(model=mc.name_or_path, device=mc.device, dtype=mc.dtype, local_files_only=mc.local_files_only,
                            adapter=mc.adapter, actors=ic.num_actors, cpus=ic.num_cpus_per_actor,
                            gpus="auto" if ic.num_gpus_per_actor is None else ic.num_gpus_per_actor,
-                           torch_threads=ic.torch_threads)
+                           torch_threads=ic.torch_threads, fusion_seed=mc.fusion_seed)
     ds = map_stage(file_dataset(todo, ic.files_per_decode_task), decode, ic.files_per_decode_task)
     ds = map_stage(ds, embed, ic.batch_size)
+    ds = map_stage(ds, IndexWriteStage(store.uri), ic.rows_per_part)
     return collect_files(ds, len(todo), assemble=_assemble, commit=commit, commit_every=ic.commit_every_files,
-                         summary=summary, desc="index", show_progress=show_progress)
+                         summary=summary, desc="index", show_progress=show_progress, seen=seen)
 
 
 def run(cfg: PipelineConfig) -> FileJobSummary:
@@ -164,7 +166,7 @@ def run(cfg: PipelineConfig) -> FileJobSummary:
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     rejected = [r for r in refs if r.reject]
     log.info("indexing %d files from %s into %s", len(refs) - len(rejected), corpus_root(cfg.data),
-             Path(cfg.run_dir) / "index")
+             index_root(cfg))
     if rejected:
         log.warning("%d corpus entr%s cannot be indexed (recorded as failed):", len(rejected),
                     "y" if len(rejected) == 1 else "ies")

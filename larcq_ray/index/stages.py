@@ -5,6 +5,11 @@
 2. `ClapEmbedStage` (actor pool, one model per actor, a GPU each where the cluster has GPUs):
    features -> L2-normalized embeddings.
 
+Where the mel features are computed is `index.features` (`feature_settings`): in the decode tasks
+with transformers' extractor (cpu-numpy) or the batched clap_features code (cpu-torch), or in the
+actor on its device from the 48 kHz float32 samples the decode task ships (device). Each row says
+how its `features` bytes read (`feat_format`), so the actor takes any mix.
+
 Every row carries audio_id, n_rows (rows of its file), status and error, so the driver can
 regroup files and no row is lost.
 
@@ -34,6 +39,7 @@ def _failed_row(audio_id: str, decoded=None, error: str = "") -> dict:
         "end_s": 0.0,
         "features": b"",
         "feat_shape": np.zeros(3, dtype=np.int64),
+        "feat_format": "",
         "is_longer": False,
         "duration_s": float(getattr(decoded, "duration_s", 0.0)),
         "sample_rate": int(getattr(decoded, "sample_rate", 0)),
@@ -51,6 +57,40 @@ def _failed_row(audio_id: str, decoded=None, error: str = "") -> dict:
 # mostly the whole-file CLAP features (float64 waveform, complex STFT of every frame).
 STREAM_OVER_S = 120.0
 ROWS_PER_BATCH = 32  # rows (~256 KB of features each) per batch emitted while streaming a file
+
+# How a row's `features` bytes are to be read (its `feat_format`): a log-mel (C, frames, mels) in
+# float32 or float16, or a float32 waveform at the model's rate whose features the actor computes.
+MEL_F32, MEL_F16, WAVE_F32 = "mel-f32", "mel-f16", "wave-f32"
+FEATURE_MODES = ("cpu-numpy", "cpu-torch", "device")
+
+
+def _actors_on_gpu(actor_gpus, device: str) -> bool:
+    if device == "cpu":
+        return False
+    if actor_gpus is None or actor_gpus == "auto":  # index.num_gpus_per_actor None: 1 where the cluster has GPUs
+        from larcq_ray.core.stage import cluster_gpus
+
+        return cluster_gpus() > 0
+    return float(actor_gpus) > 0
+
+
+def resolve_features(setting: str, actor_gpus, device: str = "auto") -> str:
+    """index.features "auto" -> "device" where the embedding actors get a GPU, else "cpu-torch".
+
+    Measured (benchmarks/bench_features.py): batched torch features cost a fraction of transformers'
+    numpy extractor per chunk on a CPU core; on a GPU node, "device" leaves the decode tasks only
+    decoding and resampling, at the price of shipping samples (1.9 MB a 10-s chunk, not 128 KB)."""
+    if setting != "auto":
+        return setting
+    return "device" if _actors_on_gpu(actor_gpus, device) else "cpu-torch"
+
+
+def feature_settings(setting: str, actor_gpus, device: str = "auto") -> dict:
+    """DecodeChunkStage's `features` and `mel_dtype` for an index config. cpu-torch ships float16
+    mel (half the bytes; embeddings within cosine 0.999999) where the actors are on a GPU, whose
+    model runs in bf16/fp16 anyway, and float32 (the reference's exact values) to CPU actors."""
+    return {"features": resolve_features(setting, actor_gpus, device),
+            "mel_dtype": "float16" if _actors_on_gpu(actor_gpus, device) else "float32"}
 
 
 def columns(rows: list[dict]) -> Batch:
@@ -76,7 +116,10 @@ class DecodeChunkStage:
     name: str = "decode"
     stream_over_s: float = STREAM_OVER_S  # files longer than this (source duration) are streamed
     rows_per_batch: int = ROWS_PER_BATCH
+    features: str = "cpu-numpy"  # a resolved index.features: cpu-numpy | cpu-torch | device
+    mel_dtype: str = "float16"  # cpu-torch: the dtype its mel travels in
     _fz: Any = field(default=None, init=False, repr=False, compare=False)
+    _tf: Any = field(default=None, init=False, repr=False, compare=False)
 
     def resources(self) -> Resources:
         # Memory is declared so the scheduler packs decode tasks by memory too (a 120 s file at
@@ -89,6 +132,32 @@ class DecodeChunkStage:
         from larcq_ray.models.clap import cached_featurizer
 
         self._fz = cached_featurizer(self.model, self.fusion_seed, self.local_files_only)
+        if self.features not in FEATURE_MODES:
+            raise ValueError(f"index.features {self.features!r} is not one of {FEATURE_MODES}")
+        if self.features != "cpu-numpy":
+            from larcq_ray.models.clap_features import ClapFeatureSpec, TorchClapFeatures
+
+            self._tf = TorchClapFeatures(ClapFeatureSpec.from_extractor(self._fz.extractor, self._fz.fusion), "cpu")
+
+    def _payloads(self, clips: list) -> list[dict]:
+        """Each clip's features columns, all clips of a file in one call (one batched STFT for cpu-torch)."""
+        if self.features == "cpu-numpy":
+            return [_mel_payload(self._fz(c), MEL_F32) for c in clips]
+        if self.features == "cpu-torch":
+            from larcq_ray.models.clap import AudioFeatures
+
+            parts, longer = self._tf.compact(clips, self.fusion_seed)  # (1 or 4, frames, mels) each
+            fmt = MEL_F16 if self.mel_dtype == "float16" else MEL_F32
+            return [_mel_payload(AudioFeatures(f.numpy(), bool(lg)), fmt) for f, lg in zip(parts, longer)]
+        from larcq_ray.models.clap_features import plan_clip
+
+        out = []
+        for c in clips:  # device: the samples the actor needs, padded or cropped here (cheap, and seeded alike)
+            p = plan_clip(c, self._tf.spec, self.fusion_seed)
+            w = np.asarray(c if p.wave is None else p.wave, dtype=np.float32)
+            out.append({"features": w.tobytes(), "feat_shape": np.asarray([1, 1, len(w)], dtype=np.int64),
+                        "is_longer": False, "feat_format": WAVE_F32})  # is_longer: the actor decides
+        return out
 
     def _is_long(self, path: str) -> bool:
         import soundfile as sf
@@ -136,15 +205,10 @@ class DecodeChunkStage:
         return chunk_spans(n, sr, ch["mode"], ch["window_s"], ch["overlap_s"], ch["min_chunk_s"]), self.whole_file
 
     @staticmethod
-    def _row(audio_id: str, idx: int, s: int, e: int, sr: int, f, common: dict) -> dict:
-        # Fusion input repeats one mel 4x unless the clip was really fused: ship it once.
-        feats = f.input_features if f.is_longer else f.input_features[:1]
+    def _row(audio_id: str, idx: int, s: int, e: int, sr: int, payload: dict, common: dict) -> dict:
         return {
             "audio_id": audio_id, "kind": "whole" if idx < 0 else "chunk", "chunk_index": idx,
-            "start_s": s / sr, "end_s": e / sr,
-            "features": feats.tobytes(),
-            "feat_shape": np.asarray(feats.shape, dtype=np.int64),
-            "is_longer": f.is_longer, **common,
+            "start_s": s / sr, "end_s": e / sr, **payload, **common,
         }
 
     def _file_rows(self, audio_id: str, path: str) -> list[dict]:
@@ -160,7 +224,8 @@ class DecodeChunkStage:
             spans, with_whole = self._pieces(len(x), sr)
             pieces = ([(-1, 0, len(x))] if with_whole else []) + [(i, s, e) for i, (s, e) in enumerate(spans)]
             common = self._common(dec, len(pieces), len(spans))
-            return [self._row(audio_id, idx, s, e, sr, fz(x[s:e]), common) for idx, s, e in pieces]
+            payloads = self._payloads([x[s:e] for _, s, e in pieces])
+            return [self._row(audio_id, idx, s, e, sr, pl, common) for (idx, s, e), pl in zip(pieces, payloads)]
         except Exception as e:  # a bug or odd file must cost one file, never the job
             return [_failed_row(audio_id, error=f"internal: {type(e).__name__}: {e}"[:300])]
 
@@ -194,7 +259,7 @@ class DecodeChunkStage:
                 got += len(block)
                 while nxt < len(spans) and spans[nxt][1] <= got:
                     s, e = spans[nxt]
-                    yield self._row(audio_id, nxt, s, e, sr, fz(buf[s - off:e - off]), common)
+                    yield self._row(audio_id, nxt, s, e, sr, self._payloads([buf[s - off:e - off]])[0], common)
                     done.add(nxt)
                     nxt += 1
                 keep_from = spans[nxt][0] if nxt < len(spans) else got
@@ -203,7 +268,7 @@ class DecodeChunkStage:
             if got != n:
                 raise RuntimeError(f"decoded {got} samples, expected {n}")
             if whole is not None:
-                yield self._row(audio_id, -1, 0, n, sr, whole.result(), common)
+                yield self._row(audio_id, -1, 0, n, sr, _mel_payload(whole.result(), MEL_F32), common)
                 done.add(-1)
         except Exception as e:  # rows already sent stay; the missing ones come back failed, so the file fails
             err = f"internal: {type(e).__name__}: {e}"[:300]
@@ -213,6 +278,14 @@ class DecodeChunkStage:
 
     def failed_batch(self, batch: Batch, reason: str) -> Batch:
         return columns([_failed_row(str(a), error=reason) for a in batch["audio_id"]])
+
+
+def _mel_payload(f, fmt: str) -> dict:
+    # Fusion input repeats one mel 4x unless the clip was really fused: ship it once.
+    feats = f.input_features if f.is_longer else f.input_features[:1]
+    feats = feats.astype(np.float16 if fmt == MEL_F16 else np.float32, copy=False)
+    return {"features": feats.tobytes(), "feat_shape": np.asarray(feats.shape, dtype=np.int64),
+            "is_longer": bool(f.is_longer), "feat_format": fmt}
 
 
 class StreamedWholeFeatures:
@@ -341,7 +414,9 @@ class ClapEmbedStage:
     gpus: Union[float, str]
     torch_threads: Optional[int]
     name: str = "embed"
+    fusion_seed: int = 0  # crops of "wave-f32" rows (index.features: device), as the decode tasks would draw them
     _encoder: Any = field(default=None, init=False, repr=False, compare=False)
+    _tf: Any = field(default=None, init=False, repr=False, compare=False)
 
     def resources(self) -> Resources:
         return Resources(cpus=self.cpus, gpus=self.gpus, actors=self.actors, torch_threads=self.torch_threads)
@@ -353,25 +428,59 @@ class ClapEmbedStage:
                                          adapter=self.adapter)
         self._channels = 4 if self._encoder.model.config.audio_config.enable_fusion else 1
 
-    def _features(self, raw: bytes, shape) -> np.ndarray:
-        f = np.frombuffer(raw, dtype=np.float32).reshape(shape)
+    def _features(self, raw: bytes, shape, fmt: str = MEL_F32) -> np.ndarray:
+        f = np.frombuffer(raw, dtype=np.float16 if fmt == MEL_F16 else np.float32).reshape(shape)
         return np.repeat(f, self._channels, axis=0) if f.shape[0] == 1 and self._channels > 1 else f
+
+    def _torch_features(self):
+        if self._tf is None:
+            from larcq_ray.models.clap import cached_featurizer
+            from larcq_ray.models.clap_features import ClapFeatureSpec, TorchClapFeatures
+
+            ext = cached_featurizer(self.model, self.fusion_seed, self.local_files_only).extractor
+            self._tf = TorchClapFeatures(ClapFeatureSpec.from_extractor(ext, self._channels == 4),
+                                         self._encoder.device)
+        return self._tf
+
+    def _batch_features(self, batch: Batch, ok: np.ndarray):
+        """The ok rows' model input: (n, C, frames, mels) on the encoder's device, and is_longer."""
+        import torch
+
+        fmts = batch.get("feat_format")
+        fmts = [MEL_F32 if fmts is None else str(fmts[i]) for i in ok]
+        longer = np.asarray(batch["is_longer"][ok], dtype=bool).copy()
+        waves = [j for j, f in enumerate(fmts) if f == WAVE_F32]
+        if not waves:  # mel rows only: as before
+            return np.stack([self._features(batch["features"][i], batch["feat_shape"][i], f)
+                             for i, f in zip(ok, fmts)]), longer
+        tf = self._torch_features()
+        clips = [np.frombuffer(batch["features"][ok[j]], dtype=np.float32) for j in waves]
+        wf, wl = tf(clips, self.fusion_seed)
+        feats = torch.empty((len(ok),) + tuple(wf.shape[1:]), dtype=torch.float32, device=wf.device)
+        feats[waves] = wf
+        longer[waves] = wl
+        mels = [j for j in range(len(ok)) if j not in set(waves)]
+        if mels:
+            feats[mels] = torch.as_tensor(np.stack([self._features(batch["features"][ok[j]],
+                                                                   batch["feat_shape"][ok[j]], fmts[j])
+                                                    for j in mels]).astype(np.float32)).to(wf.device)
+        return feats, longer
 
     def process_batch(self, batch: Batch) -> Batch:
         ok = np.flatnonzero(batch["status"] == "ok")
         emb_bytes = np.empty(len(batch["status"]), dtype=object)
         emb_bytes[:] = b""
         if len(ok):
-            feats = np.stack([self._features(batch["features"][i], batch["feat_shape"][i]) for i in ok])
-            emb = self._encoder(feats, batch["is_longer"][ok])
+            feats, longer = self._batch_features(batch, ok)
+            emb = self._encoder(feats, longer)
             for j, i in enumerate(ok):
                 emb_bytes[i] = emb[j].astype(np.float32).tobytes()
-        out = {k: v for k, v in batch.items() if k not in ("features", "feat_shape")}
+        out = {k: v for k, v in batch.items() if k not in ("features", "feat_shape", "feat_format")}
         out["embedding"] = emb_bytes
         return out
 
     def failed_batch(self, batch: Batch, reason: str) -> Batch:
-        out = {k: v for k, v in batch.items() if k not in ("features", "feat_shape")}
+        out = {k: v for k, v in batch.items() if k not in ("features", "feat_shape", "feat_format")}
         status = np.asarray(batch["status"], dtype=object).copy()
         error = np.asarray(batch["error"], dtype=object).copy()
         was_ok = status == "ok"  # rows that failed earlier keep their own reason

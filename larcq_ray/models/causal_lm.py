@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from larcq_ray.core.devices import resolve_device
+from larcq_ray.core.devices import resolve_device, resolve_dtype
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.core.ray_session import quiet_weight_loading
 
@@ -40,7 +40,8 @@ def load_causal_lm(model_name: str, dtype: str = "float32", device: str = "auto"
     quiet_weight_loading()  # runs in Ray actors / Serve replicas: no "Loading weights" bar per load
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
-        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch_dtype(dtype))
+        # "auto" resolved by the one rule (core/devices.py): bf16 on a GPU, float32 on CPU
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch_dtype(resolve_dtype(dtype, dev)))
     except (OSError, ValueError) as exc:
         raise LarcqError(f"could not load the {what} {model_name!r}: {exc}") from exc
     model.to(dev).eval()

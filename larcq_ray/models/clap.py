@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from larcq_ray.core.devices import resolve_device
+from larcq_ray.core.devices import resolve_device, resolve_dtype
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.core.ray_session import quiet_weight_loading, verbose
 
@@ -84,7 +84,7 @@ def load_clap_model(name_or_path: str, device: str = "auto", dtype: str = "float
 
     quiet_transformers()
     dev = resolve_device(device, "model.device")
-    torch_dtype = getattr(torch, _DTYPES[dtype])
+    torch_dtype = getattr(torch, _DTYPES[resolve_dtype(dtype, dev, "model.dtype")])  # auto: bf16 on a GPU
     model = _load(
         "model",
         lambda: ClapModel.from_pretrained(name_or_path, dtype=torch_dtype, local_files_only=local_files_only),

@@ -15,7 +15,8 @@ class ModelConfig(_Strict):
     name_or_path: str = "laion/clap-htsat-fused"
     # "auto": cuda when the worker has a GPU, else cpu.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # "auto": bfloat16 on a GPU (float16 where it has no bf16), float32 on CPU (core/devices.py)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     # Seed for CLAP fusion crops, so a long file always gets the same embedding.
     fusion_seed: int = 0
     local_files_only: bool = False

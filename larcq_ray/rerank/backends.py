@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from larcq_ray.core.devices import resolve_device
+from larcq_ray.core.devices import resolve_device, resolve_dtype, split_on_oom
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.core.ray_session import quiet_weight_loading
 from larcq_ray.rerank.config import RerankBackendConfig
@@ -31,10 +31,21 @@ class RerankBackend(Protocol):
         ...
 
 
-def _torch_dtype(name: str) -> "torch.dtype":
-    from larcq_ray.models.causal_lm import torch_dtype
+def _device_dtype(cfg: RerankBackendConfig) -> tuple[str, "torch.dtype"]:
+    """The replica's device and torch dtype: the one rule of core/devices.py (auto: bf16 on a GPU)."""
+    import torch
 
-    return torch_dtype(name)
+    device = resolve_device(cfg.device, "serve.backend.device")
+    return device, getattr(torch, resolve_dtype(cfg.dtype, device, "serve.backend.dtype"))
+
+
+def _in_chunks(fn, items: list, size: int, what: str) -> list:
+    """`fn` over `items` in chunks of `size`; a chunk that runs out of GPU memory is split in halves
+    and retried (core/devices.py split_on_oom), so one big batch never fails a request."""
+    out: list = []
+    for i in range(0, len(items), size):
+        out.extend(split_on_oom(fn, items[i:i + size], what))
+    return out
 
 
 def _load_error(kind: str, model: str, exc: Exception) -> LarcqError:
@@ -50,23 +61,23 @@ class BiEncoderBackend:
         self.model_name = cfg.model_name()
         self.batch_size = cfg.batch_size
         quiet_weight_loading()  # a Serve replica: its "Loading weights" bar would reach the console
+        device, dtype = _device_dtype(cfg)
         try:
-            self.model = SentenceTransformer(self.model_name, device=resolve_device(cfg.device, "serve.backend.device"))
+            self.model = SentenceTransformer(self.model_name, device=device)
         except (OSError, ValueError) as exc:
             raise _load_error("bi-encoder", self.model_name, exc) from exc
-        if cfg.dtype != "float32":
-            self.model.to(_torch_dtype(cfg.dtype))
+        self.model.to(dtype)
 
     def score(self, requests: list[Request]) -> list[list[float]]:
         # Encode every distinct text of the batch once: captions repeat across requests.
         texts = list(dict.fromkeys(t for q, docs in requests for t in (q, *docs)))
         if not texts:
             return [[] for _ in requests]
-        emb = np.asarray(
-            self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                              convert_to_numpy=True, show_progress_bar=False),
-            dtype=np.float32,
-        )
+        def encode(chunk: list[str]) -> np.ndarray:
+            return np.asarray(self.model.encode(chunk, batch_size=len(chunk), normalize_embeddings=True,
+                                                convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
+
+        emb = np.asarray(_in_chunks(encode, texts, self.batch_size, "bi-encoder"), dtype=np.float32)
         row = {t: i for i, t in enumerate(texts)}
         return [
             (emb[[row[d] for d in docs]] @ emb[row[q]]).tolist() if docs else []
@@ -83,12 +94,12 @@ class CrossEncoderBackend:
         self.model_name = cfg.model_name()
         self.batch_size = cfg.batch_size
         quiet_weight_loading()  # a Serve replica: its "Loading weights" bar would reach the console
+        device, dtype = _device_dtype(cfg)
         try:
-            self.model = CrossEncoder(self.model_name, device=resolve_device(cfg.device, "serve.backend.device"))
+            self.model = CrossEncoder(self.model_name, device=device)
         except (OSError, ValueError) as exc:
             raise _load_error("cross-encoder", self.model_name, exc) from exc
-        if cfg.dtype != "float32":
-            self.model.model.to(_torch_dtype(cfg.dtype))
+        self.model.model.to(dtype)
 
     def score(self, requests: list[Request]) -> list[list[float]]:
         import torch
@@ -98,11 +109,12 @@ class CrossEncoderBackend:
             return [[] for _ in requests]
         # Identity: the logits themselves, whatever activation the model's config names (a sigmoid
         # would squash well-separated logits towards 1 and lose ranking resolution in float16).
-        flat = np.asarray(
-            self.model.predict(pairs, batch_size=self.batch_size, activation_fn=torch.nn.Identity(),
-                               convert_to_numpy=True, show_progress_bar=False),
-            dtype=np.float32,
-        ).reshape(len(pairs), -1)[:, 0]
+        def predict(chunk: list[tuple[str, str]]) -> np.ndarray:
+            return np.asarray(self.model.predict(chunk, batch_size=len(chunk), activation_fn=torch.nn.Identity(),
+                                                 convert_to_numpy=True, show_progress_bar=False),
+                              dtype=np.float32).reshape(len(chunk), -1)[:, 0]
+
+        flat = np.asarray(_in_chunks(predict, pairs, self.batch_size, "cross-encoder"), dtype=np.float32)
         out: list[list[float]] = []
         start = 0
         for _, docs in requests:
@@ -148,21 +160,19 @@ class TransformersListwiseBackend:
 
         from larcq_ray.rerank import listwise
 
-        out: list[np.ndarray] = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i:i + self.batch_size]
+        def label_logits(chunk: list[str]) -> np.ndarray:
             # A chat template already wrote the special tokens; a plain prompt gets the usual ones.
-            enc = self.tokenizer(chunk, return_tensors="pt", padding=True,
+            enc = self.tokenizer(list(chunk), return_tensors="pt", padding=True,
                                  add_special_tokens=not self._chat).to(self.device)
             mask = enc["attention_mask"]
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
                 logits = self.model(input_ids=enc["input_ids"], attention_mask=mask,
                                     position_ids=positions, logits_to_keep=1).logits[:, -1, :]
-            at_labels = logits.float()[:, self.label_ids.to(logits.device)].cpu().numpy()
-            for row, n in zip(at_labels, n_candidates[i:i + self.batch_size]):
-                out.append(listwise.scores_from_logits(row[:n]))
-        return out
+            return logits.float()[:, self.label_ids.to(logits.device)].cpu().numpy()
+
+        at_labels = _in_chunks(label_logits, prompts, self.batch_size, "listwise LM")
+        return [listwise.scores_from_logits(row[:n]) for row, n in zip(at_labels, n_candidates)]
 
     def score(self, requests: list[Request]) -> list[list[float]]:
         from larcq_ray.rerank import listwise
@@ -179,8 +189,11 @@ class VllmListwiseBackend:
     - generative (default): one generated token per prompt with `allowed_token_ids` = the labels and
       their logprobs requested; the first position's logprobs go through `listwise.score_requests`
       exactly like the transformers backend.
-    - pooling / score (`vllm_engine_args` has `runner: "pooling"`, or the older `task: "score"`):
+    - pooling / score (`vllm_engine_args` has `runner: "pooling"`; vLLM 0.33 has no `task` argument):
       `LLM.score(query, documents)` for cross-encoder style rerankers (e.g. BAAI/bge-reranker-v2-m3).
+    GPU only (device cpu is refused). No out-of-memory split here: vLLM reserves its KV cache up front
+    (gpu_memory_utilization) and schedules the prompts of a call within it, so a big call queues
+    rather than failing; a CUDA out-of-memory inside vLLM ends the engine, which no retry would mend.
     """
 
     def __init__(self, cfg: RerankBackendConfig) -> None:
@@ -193,15 +206,21 @@ class VllmListwiseBackend:
 
         self.model_name = cfg.model_name()
         self.max_docs = cfg.max_documents_per_prompt
+        if cfg.device == "cpu":
+            raise LarcqError("serve.backend.device is 'cpu' but the vllm backend runs on a GPU only; "
+                             "use auto or cuda, or another backend kind on CPU")
+        resolve_device("cuda", "serve.backend.device")  # no GPU: the clear error, not vLLM's own
         args = dict(cfg.vllm_engine_args)
-        self.pooling = args.get("runner") == "pooling" or args.get("task") == "score"
+        self.pooling = args.get("runner") == "pooling"
         if not self.pooling:
             # The engine refuses more logprobs per token than max_logprobs (default 20).
             args.setdefault("max_logprobs", max(20, self.max_docs))
             # V1 returns raw (pre-`allowed_token_ids`) logprobs by default, so a label outside the
             # full-vocabulary top-k would be missing; processed logprobs rank the labels themselves.
             args.setdefault("logprobs_mode", "processed_logprobs")
-            args.setdefault("dtype", cfg.dtype)
+        # The one dtype rule (auto: bf16 where the GPU has it), for generative and pooling runners;
+        # vLLM's own "auto" would take the checkpoint's dtype instead.
+        args.setdefault("dtype", resolve_dtype(cfg.dtype, "cuda", "serve.backend.dtype"))
         self.llm = vllm.LLM(model=self.model_name, **args)
         if self.pooling:
             return

@@ -27,8 +27,9 @@ class RerankBackendConfig(pydantic.BaseModel):
     kind: BackendKind = "bi-encoder"
     model: str | None = None  # hub id or local folder; None -> DEFAULT_MODELS[kind]
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    batch_size: int = pydantic.Field(64, ge=1)  # texts / pairs / prompts per forward
+    # "auto": bfloat16 on a GPU (float16 where it has no bf16), float32 on CPU (core/devices.py)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
+    batch_size: int = pydantic.Field(64, ge=1)  # texts / pairs / prompts per forward (halved on GPU OOM)
     max_documents_per_prompt: int = pydantic.Field(20, ge=1)  # listwise LM kinds
     prompt_template: str | None = None  # listwise LM kinds; None -> listwise.DEFAULT_TEMPLATE
     # vllm only: passed through to vllm.LLM (tensor_parallel_size, gpu_memory_utilization, ...)

@@ -15,6 +15,7 @@ from typing import Optional
 
 from ray import serve
 
+from larcq_ray.core.devices import free_accelerator_memory, is_out_of_memory
 from larcq_ray.rerank.backends import RerankBackend
 from larcq_ray.rerank.metrics import ServiceMetrics
 from larcq_ray.rerank.protocol import RerankRequest, RerankResponse, RerankResult, RerankUsage
@@ -96,14 +97,26 @@ class RerankServing:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # real values set in __init__
     async def _score_batch(self, pairs: list[Pair]) -> list[_Scored]:
+        return await self._score_split(pairs, len(pairs))
+
+    async def _score_split(self, pairs: list[Pair], batch_size: int) -> list[_Scored]:
+        """The stage contract's batch rule for a Serve batch: out of GPU memory -> score each half
+        again (the built-in backends already halve their own model batches; this covers a batch
+        of requests that still does not fit); any other error -> one by one, so only the request
+        that breaks the backend fails. Every request gets scores or its own error, none is lost."""
         try:
             rows = await self._timed_call(pairs)
-            return [_Scored(row, len(pairs)) for row in rows]
-        except Exception:  # noqa: BLE001
-            if len(pairs) == 1:
-                return [await self._score_alone(pairs[0], 1)]
-            # Re-score one by one so only the request that breaks the backend fails.
-            return [await self._score_alone(p, len(pairs)) for p in pairs]
+            return [_Scored(row, batch_size) for row in rows]
+        except Exception as e:  # noqa: BLE001
+            oom = is_out_of_memory(e)
+        if len(pairs) == 1:
+            return [await self._score_alone(pairs[0], batch_size)]
+        if oom:
+            free_accelerator_memory()
+            half = len(pairs) // 2
+            return (await self._score_split(pairs[:half], batch_size)
+                    + await self._score_split(pairs[half:], batch_size))
+        return [await self._score_alone(p, batch_size) for p in pairs]
 
     async def score(self, query: str, documents: list[str]) -> tuple[list[float], int]:
         """Scores per document and the size of the server batch they were computed in."""

@@ -37,12 +37,12 @@ def search_app(cfg, app_name: str = APP_NAME) -> ServeApp:
 def check_index(cfg) -> None:
     """Say a missing index here, not as a replica that fails to start."""
     from larcq_ray.core.storage import is_uri
-    from larcq_ray.index.store import IndexStore
+    from larcq_ray.index.store import IndexStore, index_root
 
     if is_uri(cfg.run_dir):  # every replica reads the index itself: it must be on a path they all see
         raise LarcqError(f"run_dir {cfg.run_dir!r} is an object-store URI: the search service reads a local or "
                          "shared-filesystem run_dir; copy its index/ (and captions.parquet) there first")
-    if not IndexStore(Path(cfg.run_dir) / "index").exists():
+    if not IndexStore(index_root(cfg)).exists():
         raise LarcqError(f"no index in {Path(cfg.run_dir) / 'index'}: run `larcq-ray index` first")
 
 

@@ -31,6 +31,25 @@ class _Strict(BaseModel):
 DEFAULT_JOINS: tuple[str, ...] = ("and then", "then", "while", "followed by", "after that", ";", ",")
 
 
+class AnnConfig(_Strict):
+    """`search.ann`: the approximate (FAISS) index over chunk embeddings for search.method: ann.
+
+    Stored beside the embeddings as <index>/ann/<name>.faiss, <name>.rows.parquet (FAISS row ->
+    audio_id) and <name>.json (these settings and the files the index was built from)."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    # a FAISS index_factory string ("IVF1024,PQ64", "IVF256,Flat", "HNSW32", "Flat"); auto:
+    # Flat under 50,000 chunks, else IVF<about sqrt(chunks)>,PQ<dim/8> (64 bytes a chunk at 512 dimensions)
+    factory: str = "auto"
+    nprobe: int = Field(32, ge=1)  # IVF lists visited per query row
+    # nearest chunks per query row (the whole query and each query chunk): their audios are the candidates
+    candidates: int = Field(256, ge=1)
+    train_sample: int = Field(100_000, ge=1000)  # chunks the quantizers are trained on
+    # a missing or stale index (the index gained, lost or changed files since it was built):
+    # build it on demand (true), or refuse with a message that says to run `larcq-ray build-ann` (false)
+    build_on_demand: bool = True
+
+
 class SearchConfig(_Strict):
     # columns: the benchmark's split_i cells (a query without them is cut as by joins); sentences:
     # sentence ends and ", "; joins: sentence ends and `query_joins` (free text); none: the whole query.
@@ -41,6 +60,13 @@ class SearchConfig(_Strict):
     query_block: int = Field(256, ge=1)
     chunk_block: int = Field(65536, ge=1)
     text_batch_size: int = Field(64, ge=1)
+    # exact: every audio is scored (shard by shard on Ray); ann: a FAISS index proposes candidate
+    # audios, which are then scored exactly with all their chunks (search.ann)
+    method: Literal["exact", "ann"] = "exact"
+    shard_chunks: int = Field(2_000_000, ge=1)  # chunks per shard (a worker holds one shard in memory)
+    shard_num_cpus: float = Field(1.0, ge=0)  # per shard task / actor
+    shard_num_gpus: Optional[float] = Field(None, ge=0)  # None: a share of the cluster's GPUs, 0 without
+    ann: AnnConfig = Field(default_factory=AnnConfig)
     retrieved_csv_k: int = Field(5, ge=1)
     # results.parquet / results.md: the top results_k audios of each query (per mode in the Parquet,
     # for results_mode in the Markdown, default: the first of audio-max+query-sum, audio-max+query-max,

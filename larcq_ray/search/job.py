@@ -31,11 +31,11 @@ from larcq_ray import artifacts
 from larcq_ray.config import PipelineConfig
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.core.inputs import Query, has_ground_truth, queries_csv_path, queries_from_texts, read_queries
-from larcq_ray.index.store import IndexStore
+from larcq_ray.index.store import IndexStore, index_root
 from larcq_ray.models.model_card import read_model_card
 from larcq_ray.search.query_chunking import query_chunks
-from larcq_ray.search.results import load_chunk_times, results_markdown, results_table
-from larcq_ray.search.scoring import QueryEmbeddings, score
+from larcq_ray.search.results import results_markdown, results_table
+from larcq_ray.search.scoring import QueryEmbeddings
 from larcq_ray.search.stages import ClapTextStage
 
 log = logging.getLogger(__name__)
@@ -160,22 +160,20 @@ def check_index_model(cfg: PipelineConfig, store: IndexStore) -> dict:
     imeta = store.meta()
     if imeta["model"] != cfg.model.name_or_path:
         raise LarcqError(
-            f"the index in {store.root} was built with model {imeta['model']!r} but the config names "
+            f"the index in {store.uri} was built with model {imeta['model']!r} but the config names "
             f"{cfg.model.name_or_path!r}: query and audio embeddings must come from the same model"
         )
     if imeta.get("adapter") != cfg.model.adapter:
         raise LarcqError(
-            f"the index in {store.root} was built with adapter {imeta.get('adapter')!r} but the config names "
+            f"the index in {store.uri} was built with adapter {imeta.get('adapter')!r} but the config names "
             f"{cfg.model.adapter!r}: query and audio embeddings must come from the same model"
         )
     return imeta
 
 
 def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
-    from tqdm import tqdm
-
     run_dir = Path(cfg.run_dir)
-    store = IndexStore(run_dir / "index")
+    store = IndexStore(index_root(cfg))
     check_index_model(cfg, store)
     files = store.read_files()
     recorded = set(files.column("audio_id").to_pylist())
@@ -195,43 +193,39 @@ def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         log.warning("%d of %d queries could not be cut into chunks by query_chunking=%s and are scored as one "
                     "whole-query chunk%s", qs.n_fallback, len(qs.queries), cfg.search.query_chunking, hint)
 
-    audios = store.load_embeddings()
-    if audios.chunk_emb.shape[1] != qs.embeddings.whole_emb.shape[1]:
-        raise LarcqError("query and audio embedding sizes differ: rebuild the index or the queries with one model")
-    pos = {a: i for i, a in enumerate(audios.audio_ids)}
+    from larcq_ray.core.ray_session import ensure_ray
+    from larcq_ray.search.sharded import ShardOptions, ShardSet, top_audios
+
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    sc = cfg.search
+    ok = store.ok_files()
+    # Shard tasks load and score their shards; the driver holds the files table and per-shard answers.
+    shards = ShardSet(store.uri, ShardOptions.from_config(sc, cfg.model.device), persistent=False, files=ok)
+    pos = {a: i for i, a in enumerate(shards.audio_ids)}
     gt_index = None
     if has_gt:
         gt_index = np.array([pos.get(q.audio_id, -1) if q.audio_id is not None else -1 for q in qs.queries],
                             dtype=np.int64)
+    candidates = None
+    if sc.method == "ann":
+        from larcq_ray.search.ann import ann_candidates, ensure_ann
 
-    import torch
-
-    from larcq_ray.core.devices import resolve_device
-
-    device = resolve_device(cfg.model.device, "model.device")
-    bar = tqdm(total=len(qs.queries), unit="query", desc="search", disable=not show_progress)
-    done = [0]
-
-    def progress(n):
-        bar.update(n - done[0])
-        done[0] = n
-
-    with torch.inference_mode():
-        results = score(qs.embeddings, audios, cfg.search.modes, top_k=cfg.search.top_k, gt_index=gt_index,
-                        query_block=cfg.search.query_block, chunk_block=cfg.search.chunk_block, device=device,
-                        progress=progress)
-        bar.close()
-        times = load_chunk_times(store, audios) if any(m.startswith("audio-") for m in results) else None
-        table = results_table(qs.queries, qs.embeddings, qs.chunk_texts, audios, times, results,
-                              cfg.search.results_k, device=str(device))
-    _write_outputs(run_dir, cfg, qs, audios.audio_ids, results, has_gt)
+        ensure_ann(store.uri, sc.ann, ok, sc.shard_chunks, sc.shard_num_cpus)
+        candidates = ann_candidates(store.uri, sc.ann, ok.column("audio_id"), qs.embeddings, sc.shard_num_cpus)
+    log.info("scoring %d queries against %d audios in %d shard(s) (%s)", len(qs.queries), shards.n_audios,
+             len(shards.shards), sc.method)
+    results = shards.search(qs.embeddings, sc.modes, top_k=sc.top_k, gt_gidx=gt_index, candidates=candidates)
+    # results.parquet needs the embeddings and chunk times of the top results_k audios only
+    sub_audios, times, cut = top_audios(store, ok, results, sc.results_k)
+    table = results_table(qs.queries, qs.embeddings, qs.chunk_texts, sub_audios, times, cut, sc.results_k)
+    _write_outputs(run_dir, cfg, qs, shards.audio_ids, results, has_gt)
     artifacts.RESULTS.write(run_dir, table)
     gt = {q.query_id: q.audio_id for q in qs.queries if q.audio_id is not None} if has_gt else None
     md = results_markdown(table, cfg.search.report_mode(), has_gt, gt)
     (run_dir / artifacts.RESULTS_MD).write_text(md)
     meta = {
         "n_queries": len(qs.queries),
-        "n_audios": len(audios.audio_ids),
+        "n_audios": shards.n_audios,
         "n_files_recorded": len(recorded),
         "modes": list(cfg.search.modes),
         "top_k": cfg.search.top_k,
@@ -243,7 +237,9 @@ def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         "n_missing_gt": int((gt_index < 0).sum()) if has_gt else 0,
         "has_ground_truth": has_gt,
         "results_mode": cfg.search.report_mode(),
-        "index_has_whole_file": audios.whole_emb is not None,
+        "index_has_whole_file": sub_audios.whole_emb is not None,
+        "method": sc.method,
+        "n_shards": len(shards.shards),
     }
     artifacts.SEARCH_META.write(run_dir, meta)
     return meta

@@ -11,9 +11,11 @@ Routes (relative to the application's route_prefix):
   GET  /audio/{id}     an indexed recording, streamed from the corpus with HTTP Range (206); with an
                        api_key it needs the signed token of a /search answer's audio_url, or Bearer
 
-Each replica loads CLAP's text tower and run_dir/index once (the whole index in memory) and answers
-a query as `larcq-ray search --query` does: the same chunking (search.query_chunking / query_joins),
-the same scoring (search/scoring.score) and the same matched windows (search/results.results_table).
+Each replica loads CLAP's text tower once and keeps the index's shards loaded (search/sharded.py:
+in the replica for a one-shard index, else one Ray actor per shard; with search.method: ann also the
+FAISS index) and answers a query as `larcq-ray search --query` does: the same chunking
+(search.query_chunking / query_joins), the same sharded scoring and the same matched windows
+(search/results.results_table, over the top audios' chunks only).
 
 Errors have the /rerank service's shape {"error": {"message", "type", "field"}} and handlers:
   400 body is not JSON          401 missing / wrong Bearer token
@@ -93,37 +95,46 @@ class SearchEngine:
 
     def __init__(self, cfg) -> None:  # cfg: larcq_ray.config.PipelineConfig
         from larcq_ray.core.devices import resolve_device
-        from larcq_ray.index.store import IndexStore
+        from larcq_ray.core.inputs import corpus_root
+        from larcq_ray.index.store import IndexStore, index_root
         from larcq_ray.models.clap import ClapTextEncoder
         from larcq_ray.search.job import check_index_model
-        from larcq_ray.search.results import load_chunk_times
         from larcq_ray.search.scoring import _SIDES
-
-        from larcq_ray.core.inputs import corpus_root
+        from larcq_ray.search.sharded import ShardOptions, ShardSet
 
         self.cfg = cfg
-        store = IndexStore(Path(cfg.run_dir) / "index")
+        sc = cfg.search
+        self.store = store = IndexStore(index_root(cfg))
         check_index_model(cfg, store)
-        self.audios = store.load_embeddings()
-        self._indexed = set(self.audios.audio_ids)
+        self.files = store.ok_files()
+        # The shards stay loaded while the replica lives: in this process for a one-shard index,
+        # else one Ray actor per shard (search.shard_num_cpus / shard_num_gpus each).
+        self.shards = ShardSet(store.uri, ShardOptions.from_config(sc, cfg.model.device), persistent=True,
+                               in_process=True, files=self.files)
+        self._indexed = set(self.shards.audio_ids)
+        self.ann = None
+        if sc.method == "ann":
+            from larcq_ray.search.ann import AnnSearcher, ensure_ann
+
+            ensure_ann(store.uri, sc.ann, self.files, sc.shard_chunks, sc.shard_num_cpus)
+            self.ann = AnnSearcher(store.uri, sc.ann.name, self.files.column("audio_id"), sc.ann.nprobe)
         try:
             self.corpus_root: Optional[Path] = corpus_root(cfg.data).resolve()
         except LarcqError:  # no data section here: search works, /audio answers 404
             self.corpus_root = None
-        self.times = load_chunk_times(store, self.audios)
         m = cfg.model
         self.encoder = ClapTextEncoder(m.name_or_path, m.device, m.dtype, m.local_files_only, adapter=m.adapter)
         self.device = str(resolve_device(m.device, "model.device"))
         dim = self.encoder(["probe"]).embeddings.shape[1]
-        if dim != self.audios.chunk_emb.shape[1]:
+        if dim != self.shards.info["dim"]:
             raise LarcqError("query and audio embedding sizes differ: rebuild the index with the config's model")
-        has_whole = self.audios.whole_emb is not None
+        has_whole = self.shards.info["has_whole"]
         self.modes = [md for md in MODES if has_whole or _SIDES[md][0] != "whole"]
         serve_cfg = cfg.search.serve
         self.default_mode = serve_cfg.default_mode or cfg.search.report_mode()
         if self.default_mode not in self.modes:
             raise LarcqError(f"the default mode {self.default_mode!r} needs whole-file embeddings, which the "
-                             f"index in {store.root} lacks; set search.serve.default_mode to one of {self.modes}")
+                             f"index in {store.uri} lacks; set search.serve.default_mode to one of {self.modes}")
         self.model_name = m.name_or_path
         self.captions = self._load_captions(cfg)
         self._lock = threading.Lock()  # one query at a time through the model and the scorer
@@ -164,7 +175,7 @@ class SearchEngine:
 
     @property
     def n_audios(self) -> int:
-        return len(self.audios.audio_ids)
+        return self.shards.n_audios
 
     def audio_path(self, audio_id: str) -> Path:
         """The file of an indexed recording, inside the corpus root; ApiError 404 otherwise."""
@@ -181,7 +192,8 @@ class SearchEngine:
         from larcq_ray.core.inputs import queries_from_texts
         from larcq_ray.search.query_chunking import query_chunks
         from larcq_ray.search.results import results_table
-        from larcq_ray.search.scoring import QueryEmbeddings, score
+        from larcq_ray.search.scoring import QueryEmbeddings
+        from larcq_ray.search.sharded import top_audios
 
         search_cfg = self.cfg.search
         query = queries_from_texts([text], "query")[0]
@@ -192,9 +204,13 @@ class SearchEngine:
             emb = np.asarray(out.embeddings, dtype=np.float32)
             q_emb = QueryEmbeddings(query_ids=["0"], whole_emb=emb[:1], chunk_emb=np.ascontiguousarray(emb[1:]),
                                     chunk_offsets=np.array([0, len(chunks)], dtype=np.int64))
-            scores = score(q_emb, self.audios, [mode], top_k=k, query_block=1, chunk_block=search_cfg.chunk_block,
-                           device=self.device)
-            table = results_table([query], q_emb, chunks, self.audios, self.times, scores, k, device=self.device)
+            cands = None
+            if self.ann is not None:
+                cands = self.ann.candidates(q_emb.whole_emb, q_emb.chunk_emb, q_emb.chunk_offsets,
+                                            search_cfg.ann.candidates)
+            scores = self.shards.search(q_emb, [mode], top_k=k, candidates=cands)
+            audios, times, cut = top_audios(self.store, self.files, scores, k)
+            table = results_table([query], q_emb, chunks, audios, times, cut, k, device=self.device)
         results: dict[int, SearchResult] = {}
         for row in table.to_pylist():
             r = results.get(row["rank"])

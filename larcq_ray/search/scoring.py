@@ -532,3 +532,99 @@ def _score_query_block(qb: _QueryBlock, side: _AudioSide, gts: np.ndarray | None
         else:
             kept.append(keys)
     return top, rank, gt_key
+
+
+# ---------------------------------------------------------------- counting (sharded ground-truth rank)
+
+
+def count_above(
+    queries: QueryEmbeddings,
+    audios: AudioEmbeddings,
+    modes: Sequence[str],
+    gt_score: dict[str, np.ndarray],
+    gt_pos: np.ndarray,
+    exclude: np.ndarray | None = None,
+    top_k: int = 0,
+    query_block: int = 256,
+    chunk_block: int = 65536,
+    device: str = "cpu",
+) -> tuple[dict[str, np.ndarray], dict[str, ModeScores] | None]:
+    """Per query and mode, how many of `audios` beat a ground truth scored elsewhere; one pass that
+    also gives score()'s top-K when top_k > 0 (same blocks, same keys: the same top-K).
+
+    gt_score[mode]: (Q,) the ground truth's score (nan: the query has none; nothing is counted).
+    gt_pos: (Q,) where the ground truth sorts among `audios` (their ids are sorted): audio i beats it
+    when its score is higher, or equal and i < gt_pos (today's tie rule: by audio id).
+    exclude: (Q,) an audio index never counted (the ground truth itself, when it is among `audios`:
+    its score here may differ from gt_score in the last bit), -1 for none.
+    Returns ({mode: (Q,) int64 counts}, {mode: ModeScores without gt fields} or None).
+    """
+    import torch
+
+    modes = _check_modes(modes, audios.whole_emb is not None)
+    n_aud, n_q = len(audios.audio_ids), len(queries.query_ids)
+    if n_aud == 0:
+        raise LarcqError("there are no audios to search")
+    a_chunks = _matrix(audios.chunk_emb, "audio chunk embeddings")
+    dim = a_chunks.shape[1]
+    a_off = _offsets(audios.chunk_offsets, n_aud, len(a_chunks), "audio chunk_offsets", "audio")
+    q_whole = _matrix(queries.whole_emb, "query embeddings", rows=n_q, dim=dim)
+    q_chunks = _matrix(queries.chunk_emb, "query chunk embeddings", dim=dim)
+    q_off = _offsets(queries.chunk_offsets, n_q, len(q_chunks), "query chunk_offsets", "query")
+    a_whole = None
+    if any(_SIDES[m][0] == "whole" for m in modes):
+        a_whole = _matrix(audios.whole_emb, "audio whole-file embeddings", rows=n_aud, dim=dim)
+    gt_pos = np.asarray(gt_pos, dtype=np.int64).reshape(n_q)
+    exclude = np.full(n_q, -1, dtype=np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(n_q)
+    dev = torch.device(device)
+
+    pieces = {m: ("w" if _SIDES[m][1] == "whole" else "c", _AUDIO_COLS[_SIDES[m][0]]) for m in modes}
+    need = set(pieces.values())
+    grid_rows = [r for r in ("w", "c") if (r, "G") in need]
+    small_rows = [r for r in ("w", "c") if (r, "W") in need or (r, "S") in need]
+    small_cols = [c for c in ("W", "S") if any(p[1] == c for p in need)]
+    k = min(int(top_k), n_aud)
+    counts = {m: np.zeros(n_q, dtype=np.int64) for m in modes}
+    out_idx = {m: np.zeros((n_q, k), dtype=np.int64) for m in modes}
+    out_score = {m: np.zeros((n_q, k), dtype=np.float32) for m in modes}
+    never = torch.iinfo(torch.int64).max  # no score beats a missing ground truth
+
+    with torch.inference_mode():
+        side = _AudioSide(a_chunks, a_off, a_whole, {c for _, c in need}, int(chunk_block), dev)
+        qw_t, qc_t = _tensor(q_whole, dev), _tensor(q_chunks, dev)
+        for start in range(0, n_q, int(query_block)):
+            rows = np.arange(start, min(start + int(query_block), n_q))
+            qb = _QueryBlock(rows, qw_t, qc_t, q_off, grid_rows, small_rows)
+            low_thr = torch.from_numpy(_LO - 1 - gt_pos[rows]).to(dev)
+            thr, cnt = {}, {}
+            for m in modes:
+                g = np.asarray(gt_score[m], dtype=np.float32).reshape(n_q)[rows]
+                t = _keys(torch.from_numpy(np.nan_to_num(g, nan=0.0)).to(dev), low_thr)
+                thr[m] = torch.where(torch.from_numpy(np.isnan(g)).to(dev), never, t)[:, None]
+                cnt[m] = torch.zeros(len(rows), dtype=torch.int64, device=dev)
+            ex = exclude[rows]
+            ex_blk = np.where(ex >= 0, side.block_of[np.maximum(ex, 0)], -1)
+            top: dict[str, torch.Tensor] = {}
+            for i in range(len(side.blocks)):
+                blk = side.blocks[i]
+                low = side.low[blk.start:blk.stop]
+                scores = _block_scores(qb, side, i, pieces, grid_rows, small_rows, small_cols)
+                sel = np.flatnonzero(ex_blk == i)
+                for m, s in scores.items():
+                    keys = _keys(s, low)
+                    above = keys > thr[m]
+                    if len(sel):  # never count the excluded audio
+                        at = torch.from_numpy(side.pos_in_block[ex[sel]]).to(dev)
+                        above[torch.from_numpy(sel).to(dev), at] = False
+                    cnt[m] += above.sum(1)
+                    if k:
+                        both = torch.cat([top[m], keys], 1) if i else keys
+                        top[m] = both.topk(min(k, both.shape[1]), dim=1, sorted=i == len(side.blocks) - 1).values
+            for m in modes:
+                counts[m][rows] = cnt[m].cpu().numpy()
+                if k:
+                    ti, ts = _decode(top[m])
+                    out_idx[m][rows] = ti.cpu().numpy()
+                    out_score[m][rows] = ts.cpu().numpy()
+    tops = {m: ModeScores(m, out_idx[m], out_score[m], None, None) for m in modes} if k else None
+    return counts, tops

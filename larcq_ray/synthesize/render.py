@@ -1,7 +1,18 @@
 """One long audio from its plan: decode the clips, bring them to one rate, join them, write it.
 
-Runs in Ray tasks, one long audio per row. Reads and writes go through `larcq_ray.core.storage`, so
-the source and the output may be local folders or object-store URIs.
+Runs in plain Ray tasks, one long audio per task (`run_render_tasks`). Reads and writes go through
+`larcq_ray.core.storage`, so the source and the output may be local folders or object-store URIs.
+
+Why not Ray Data here: a render is about 0.1 s of work whose input is a plan (a short JSON text)
+and whose output is a status row; the audio goes from the worker straight to the store, so Ray
+Data's streaming and backpressure have nothing to manage, and its per-task scheduling costs as much
+as the work. In Ray Data 2.60 a finished task keeps its concurrency slot until the executor's next
+scheduling pass (its metadata is fetched on a thread and registered a pass later), and that pass
+blocks in `ray.wait(all running tasks, timeout=0.1)` while any other task runs; and for about the
+first second of each execution its resource limits are zero (the autoscaling coordinator has not
+answered yet), so it runs one task at a time. With 2 workers that came to about 0.9 renders
+running at once on average, and no speed-up over 1 worker (benchmarks/bench_synthesis.py). A
+window of Ray tasks refills a slot the moment its task ends (`ray.wait(num_returns=1)`).
 """
 
 from __future__ import annotations
@@ -9,11 +20,12 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
 
-from larcq_ray.core.stage import Resources
+from larcq_ray.core.stage import Batch, Resources, Stage, _run_task, cluster_cpus, resolve
 from larcq_ray.core.storage import Location, open_location
 from larcq_ray.synthesize.plan import LongAudioPlan
 
@@ -85,7 +97,7 @@ def encode_wav(audio: np.ndarray, rate: int, subtype: str) -> bytes:
 
 def render_batch(batch: dict, *, audio_dir: str, out_dir: str, rate: int, gap_s: float, crossfade_s: float,
                  subtype: str) -> dict:
-    """Ray Data task: render and write each planned long audio; a failure is a row with its reason."""
+    """Render and write each planned long audio; a failure is a row with its reason."""
     out_loc = open_location(out_dir)
     result = {"audio_id": [], "status": [], "error": [], "duration_s": [], "gain": [], "provenance": []}
     for text in batch["plan"]:
@@ -108,7 +120,7 @@ def render_batch(batch: dict, *, audio_dir: str, out_dir: str, rate: int, gap_s:
 
 @dataclass
 class RenderStage:
-    """Ray Data task stage: one planned long audio per batch, rendered and written (`render_batch`)."""
+    """Task stage: one planned long audio per batch, rendered and written (`render_batch`)."""
 
     audio_dir: str
     out_dir: str
@@ -134,3 +146,48 @@ class RenderStage:
         n = len(ids)
         return {"audio_id": np.asarray(ids), "status": np.asarray(["failed"] * n), "error": np.asarray([reason] * n),
                 "duration_s": np.zeros(n), "gain": np.ones(n), "provenance": np.asarray(["[]"] * n)}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:240] if text else ""
+
+
+def run_render_tasks(stage: Stage, batches: list[Batch], workers: int | None) -> Iterator[Batch]:
+    """Each batch through a task stage in its own Ray task; results as tasks finish, in any order.
+
+    At most `workers` tasks run at once (None: the cluster's CPUs, with as many more queued so a
+    worker never waits for the driver). Same contract as `map_stage`: set up once per worker
+    process, out-of-memory splits and failed rows by `run_batch`; a task Ray itself could not run
+    (its worker died, it was killed for memory) comes back as the batch's rows marked failed.
+    """
+    import ray
+
+    res = resolve(stage.resources())
+    opts: dict = dict(num_cpus=res.cpus, scheduling_strategy="SPREAD")  # as Ray Data places its tasks
+    if res.memory_mb:
+        opts["memory"] = res.memory_mb * 2**20
+    if workers:
+        window = workers
+    else:
+        window = 2 * max(1, int(cluster_cpus() // max(res.cpus, 1e-9)))
+    task = ray.remote(_run_task).options(**opts)
+    stage_ref = ray.put(stage)  # shipped once, not once per task
+    todo = iter(batches)
+    running: dict = {}
+    while True:
+        while len(running) < window:
+            batch = next(todo, None)
+            if batch is None:
+                break
+            running[task.remote(batch, stage_ref)] = batch
+        if not running:
+            return
+        done, _ = ray.wait(list(running), num_returns=1)
+        batch = running.pop(done[0])
+        try:
+            out = ray.get(done[0])
+        except ray.exceptions.RayError as e:  # the task never returned: its rows fail, with the reason
+            cause = getattr(e, "cause", None) or e
+            out = stage.failed_batch(batch, f"{stage.name}: {type(cause).__name__}: {_first_line(cause)}")
+        yield out

@@ -1,0 +1,212 @@
+"""Index shards for parallel exact search: planning, and the scorer a Ray task or actor runs per shard.
+
+A shard is a group of chunk parts (index/store.py) holding about `search.shard_chunks` chunks; an ok
+file belongs to the shard of its first chunk part, so a shard reads only its own parts (a long file
+whose chunks span several parts reads those too). Every audio keeps its global index: its position
+among the index's ok files sorted by audio_id, which is the order single-process search ranks ties
+by. A shard's audios are loaded by the worker that scores them (IndexStore.load_embeddings of its
+files), never by the driver, and a shard answers with audio indices and scores only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.index.store import AudioEmbeddings, IndexStore
+from larcq_ray.search.scoring import QueryEmbeddings, count_above, score
+
+
+@dataclass
+class Shard:
+    number: int
+    files: pa.Table  # rows of IndexStore.ok_files(), sorted by audio_id
+    gidx: np.ndarray  # (A,) int64 global index of each file, ascending
+    n_chunks: int  # chunk rows the file table announces (whole-file rows included)
+
+
+def plan_shards(files: pa.Table, shard_chunks: int) -> list[Shard]:
+    """Group the ok files (sorted by audio_id, as ok_files() returns them) into shards of about
+    shard_chunks chunks by their first chunk part. Parts go in order of their first file, so the plan
+    is the same on every call for the same index."""
+    if shard_chunks < 1:
+        raise LarcqError(f"search.shard_chunks must be >= 1, got {shard_chunks}")
+    n = files.num_rows
+    if n == 0:
+        return []
+    lengths = pc.fill_null(pc.list_value_length(files.column("chunk_parts")), 0).to_numpy(zero_copy_only=False)
+    if (lengths < 1).any():
+        raise LarcqError("an ok file of the index names no chunk part: the index is damaged; re-run `larcq-ray index`")
+    first = np.asarray(pc.list_element(files.column("chunk_parts"), 0).to_pylist(), dtype=object)
+    chunks = files.column("n_chunks").to_numpy(zero_copy_only=False).astype(np.int64)
+    parts, part_of = np.unique(first, return_inverse=True)  # parts sorted by name
+    # order parts by their first file (files are sorted by id)
+    first_file = np.full(len(parts), n, dtype=np.int64)
+    np.minimum.at(first_file, part_of, np.arange(n))
+    part_order = np.argsort(first_file, kind="stable")
+    part_chunks = np.bincount(part_of, weights=np.maximum(chunks, 1), minlength=len(parts)).astype(np.int64)
+    shard_of_part = np.empty(len(parts), dtype=np.int64)
+    s, acc = 0, 0
+    for p in part_order.tolist():  # a loop over parts, not files
+        if acc and acc + part_chunks[p] > shard_chunks:
+            s, acc = s + 1, 0
+        shard_of_part[p] = s
+        acc += int(part_chunks[p])
+    shard_of_file = shard_of_part[part_of]
+    out = []
+    for k in range(s + 1):
+        rows = np.flatnonzero(shard_of_file == k)
+        if len(rows):
+            out.append(Shard(len(out), files.take(pa.array(rows)), rows.astype(np.int64),
+                             int(np.maximum(chunks[rows], 1).sum())))
+    return out
+
+
+def subset_audios(audios: AudioEmbeddings, local: np.ndarray) -> AudioEmbeddings:
+    """The audios at sorted indices `local`, their chunks gathered (one fancy index, no loop)."""
+    off = audios.chunk_offsets
+    cnt = off[local + 1] - off[local]
+    starts = np.cumsum(cnt) - cnt
+    rows = np.repeat(off[local] - starts, cnt) + np.arange(int(cnt.sum()))
+    return AudioEmbeddings(
+        audio_ids=[audios.audio_ids[i] for i in local.tolist()],
+        chunk_emb=audios.chunk_emb[rows],
+        chunk_offsets=np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64),
+        whole_emb=None if audios.whole_emb is None else audios.whole_emb[local],
+    )
+
+
+@dataclass
+class ShardResult:
+    """What a shard sends back: indices and scores, never embeddings."""
+
+    top_gidx: dict[str, np.ndarray]  # mode -> (Q, k) int64 global audio indices
+    top_score: dict[str, np.ndarray]  # mode -> (Q, k) float32
+    above: dict[str, np.ndarray] | None  # mode -> (Q,) audios here that beat the ground truth
+    n_chunks: int
+    has_whole: bool
+
+
+def _device(device: str) -> str:
+    from larcq_ray.core.devices import resolve_device
+
+    return resolve_device(device, "search device")
+
+
+class ShardScorer:
+    """One shard's audios in memory (loaded here, from the store) and the scorer over them.
+
+    Runs in a Ray task or actor (shard_task / ShardActor), or in-process for a one-shard service.
+    """
+
+    def __init__(self, index_uri: str, files: pa.Table, gidx: np.ndarray, device: str = "auto",
+                 audios: AudioEmbeddings | None = None):
+        self.audios = audios if audios is not None else IndexStore(index_uri).load_embeddings(files)
+        want = files.column("audio_id").to_pylist()
+        if self.audios.audio_ids != want:
+            missing = sorted(set(want) - set(self.audios.audio_ids))
+            raise LarcqError(f"the index in {index_uri} lacks the chunks of {len(missing)} ok file(s) (e.g. "
+                             f"{missing[:3]}) or changed during search; re-run `larcq-ray index`")
+        self.gidx = np.asarray(gidx, dtype=np.int64)
+        self.device = _device(device)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.audios.chunk_emb)
+
+    def info(self) -> dict:
+        return {"n_audios": len(self.audios.audio_ids), "n_chunks": self.n_chunks,
+                "has_whole": self.audios.whole_emb is not None, "dim": int(self.audios.chunk_emb.shape[1])}
+
+    def _thresholds(self, gidx: np.ndarray, gt_gidx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(where each ground truth sorts among `gidx`, its index there or -1 when absent)."""
+        pos = np.searchsorted(gidx, gt_gidx)
+        here = (gt_gidx >= 0) & (pos < len(gidx)) & (gidx[np.minimum(pos, len(gidx) - 1)] == gt_gidx)
+        return pos.astype(np.int64), np.where(here, pos, -1).astype(np.int64)
+
+    def search(self, queries: QueryEmbeddings, modes: list[str], top_k: int,
+               gt_score: dict[str, np.ndarray] | None = None, gt_gidx: np.ndarray | None = None,
+               query_block: int = 256, chunk_block: int = 65536) -> ShardResult:
+        """Top-K of this shard per query and mode; with gt_score, also how many audios here beat it."""
+        import torch
+
+        with torch.inference_mode():
+            if gt_score is None:
+                res = score(queries, self.audios, modes, top_k=top_k, query_block=query_block,
+                            chunk_block=chunk_block, device=self.device)
+                above = None
+            else:
+                pos, excl = self._thresholds(self.gidx, np.asarray(gt_gidx, dtype=np.int64))
+                above, res = count_above(queries, self.audios, modes, gt_score, pos, excl, top_k=top_k,
+                                         query_block=query_block, chunk_block=chunk_block, device=self.device)
+        return ShardResult({m: self.gidx[r.topk_index] for m, r in res.items()},
+                           {m: r.topk_score for m, r in res.items()}, above, self.n_chunks,
+                           self.audios.whole_emb is not None)
+
+    def search_candidates(self, queries: QueryEmbeddings, modes: list[str], top_k: int,
+                          candidates: list[np.ndarray], gt_score: dict[str, np.ndarray] | None = None,
+                          gt_gidx: np.ndarray | None = None, chunk_block: int = 65536) -> ShardResult:
+        """Like search(), but query q is scored exactly against its candidates (global indices) that
+        this shard holds, and nothing else. Queries without candidates here get empty lists (k = 0
+        columns padded with index -1 and score -inf)."""
+        import torch
+
+        n_q = len(queries.query_ids)
+        k = int(top_k)
+        top_g = {m: np.full((n_q, k), -1, dtype=np.int64) for m in modes}
+        top_s = {m: np.full((n_q, k), -np.inf, dtype=np.float32) for m in modes}
+        above = {m: np.zeros(n_q, dtype=np.int64) for m in modes} if gt_score is not None else None
+        with torch.inference_mode():
+            for q in range(n_q):
+                cand = np.asarray(candidates[q], dtype=np.int64)
+                pos = np.searchsorted(self.gidx, cand)
+                ok = (pos < len(self.gidx)) & (self.gidx[np.minimum(pos, len(self.gidx) - 1)] == cand)
+                local = np.unique(pos[ok])
+                if len(local) == 0:
+                    continue
+                sub = subset_audios(self.audios, local)
+                sub_g = self.gidx[local]
+                one = _one_query(queries, q)
+                if gt_score is None:
+                    res = score(one, sub, modes, top_k=k, query_block=1, chunk_block=chunk_block, device=self.device)
+                    cnt = None
+                else:
+                    p, ex = self._thresholds(sub_g, np.asarray(gt_gidx[q:q + 1], dtype=np.int64))
+                    cnt, res = count_above(one, sub, modes, {m: gt_score[m][q:q + 1] for m in modes}, p, ex,
+                                           top_k=k, query_block=1, chunk_block=chunk_block, device=self.device)
+                for m, r in res.items():
+                    kk = r.topk_index.shape[1]
+                    top_g[m][q, :kk] = sub_g[r.topk_index[0]]
+                    top_s[m][q, :kk] = r.topk_score[0]
+                    if cnt is not None:
+                        above[m][q] = cnt[m][0]
+        return ShardResult(top_g, top_s, above, self.n_chunks, self.audios.whole_emb is not None)
+
+
+def _one_query(queries: QueryEmbeddings, q: int) -> QueryEmbeddings:
+    a, b = int(queries.chunk_offsets[q]), int(queries.chunk_offsets[q + 1])
+    return QueryEmbeddings([queries.query_ids[q]], queries.whole_emb[q:q + 1], queries.chunk_emb[a:b],
+                           np.array([0, b - a], dtype=np.int64))
+
+
+def gt_scores(index_uri: str, files: pa.Table, gidx: np.ndarray, queries: QueryEmbeddings, gt_gidx: np.ndarray,
+              modes: list[str], chunk_block: int = 65536, device: str = "auto") -> dict[str, np.ndarray]:
+    """Phase 1 of a sharded ground-truth rank: each query's score of its ground truth (nan where it
+    has none), from the ground-truth audios alone (`files`: their rows; gidx: their global indices)."""
+    import torch
+
+    n_q = len(queries.query_ids)
+    has = gt_gidx >= 0
+    if not has.any():
+        return {m: np.full(n_q, np.nan, dtype=np.float32) for m in modes}
+    audios = IndexStore(index_uri).load_embeddings(files)
+    local = np.searchsorted(gidx, gt_gidx)
+    gt_local = np.where(has, local, -1).astype(np.int64)
+    with torch.inference_mode():
+        res = score(queries, audios, modes, top_k=1, gt_index=gt_local, chunk_block=chunk_block,
+                    device=_device(device))
+    return {m: r.gt_score for m, r in res.items()}

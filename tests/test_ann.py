@@ -1,0 +1,159 @@
+"""search.method: ann — a FAISS index over chunk embeddings proposes candidates, scored exactly."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from larcq_ray.core.errors import LarcqError
+from larcq_ray.search.ann import AnnSearcher, ann_state, build_ann, ensure_ann
+from larcq_ray.search.config import MODES, AnnConfig
+from larcq_ray.search.scoring import score
+from larcq_ray.search.sharded import ShardOptions, ShardSet
+from test_sharded_search import assert_same, make_queries, write_synthetic_index
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    return write_synthetic_index(tmp_path_factory.mktemp("ann") / "index", 60, 16, seed=4, whole=True)
+
+
+def test_ann_returning_everything_equals_exact(ray_session, index):
+    # IVF with every list probed and more candidates per row than chunks: every audio is a candidate
+    cfg = AnnConfig(factory="IVF4,Flat", nprobe=4, candidates=10_000, train_sample=1000)
+    meta = build_ann(index.uri, cfg, shard_chunks=40, num_cpus=0.5)
+    n_chunks = len(index.load_embeddings().chunk_emb)
+    assert meta["n_rows"] == n_chunks and meta["n_shards"] > 1
+    assert ann_state(index, "default", index.ok_files())[0] == "ok"
+    files = index.ok_files()
+    ann = AnnSearcher(index.uri, "default", files.column("audio_id"), cfg.nprobe)
+    q = make_queries(6, 16, seed=3)
+    cands = ann.candidates(q.whole_emb, q.chunk_emb, q.chunk_offsets, cfg.candidates)
+    assert all(len(c) == files.num_rows for c in cands)
+    audios = index.load_embeddings()
+    gt = np.array([0, 5, -1, 59, 3, 3])
+    want = score(q, audios, list(MODES), top_k=8, gt_index=gt)
+    for persistent in (False, True):  # tasks that load only the candidates, and live shard actors
+        shards = ShardSet(index.uri, ShardOptions(shard_chunks=40, num_cpus=0.5 if not persistent else 0,
+                                                  device="cpu"), persistent=persistent)
+        try:
+            assert_same(shards.search(q, list(MODES), top_k=8, gt_gidx=gt, candidates=cands), want, list(MODES))
+        finally:
+            shards.close()
+
+
+def test_ann_candidates_are_rescored_exactly(ray_session, index):
+    """Few candidates: the lists hold only candidates, with their exact scores."""
+    cfg = AnnConfig(name="small", factory="Flat", candidates=3)
+    build_ann(index.uri, cfg, shard_chunks=40, num_cpus=0.5)
+    files = index.ok_files()
+    ann = AnnSearcher(index.uri, "small", files.column("audio_id"), cfg.nprobe)
+    q = make_queries(4, 16, seed=9)
+    cands = ann.candidates(q.whole_emb, q.chunk_emb, q.chunk_offsets, cfg.candidates)
+    shards = ShardSet(index.uri, ShardOptions(shard_chunks=40, num_cpus=0.5, device="cpu"))
+    got = shards.search(q, ["audio-max+query-sum"], top_k=2, candidates=cands)["audio-max+query-sum"]
+    exact_all = score(q, index.load_embeddings(), ["audio-max+query-sum"], top_k=60)["audio-max+query-sum"]
+    for i in range(4):
+        assert set(got.topk_index[i]) <= set(cands[i].tolist())
+        full = dict(zip(exact_all.topk_index[i].tolist(), exact_all.topk_score[i].tolist()))
+        np.testing.assert_allclose(got.topk_score[i], [full[j] for j in got.topk_index[i]], atol=1e-5)
+        best = max(cands[i].tolist(), key=lambda j: (full[j], -j))
+        assert got.topk_index[i, 0] == best
+
+
+def test_stale_ann_index_is_refused_or_rebuilt(ray_session, tmp_path):
+    store = write_synthetic_index(tmp_path / "index", 12, 8, seed=5, whole=False)
+    cfg = AnnConfig(factory="Flat", build_on_demand=False)
+    with pytest.raises(LarcqError, match="build-ann"):
+        ensure_ann(store.uri, cfg, store.ok_files(), 1000, 0.5)
+    build_ann(store.uri, cfg, 1000, 0.5)
+    assert ann_state(store, "default", store.ok_files())[0] == "ok"
+    store.mark_deleted([store.ok_files().column("audio_id")[0].as_py()])
+    assert ann_state(store, "default", store.ok_files())[0] == "stale"
+    with pytest.raises(LarcqError, match="stale"):
+        ensure_ann(store.uri, cfg, store.ok_files(), 1000, 0.5)
+    meta = ensure_ann(store.uri, cfg.model_copy(update={"build_on_demand": True}), store.ok_files(), 1000, 0.5)
+    assert meta["n_rows"] == len(store.load_embeddings().chunk_emb)
+    assert ann_state(store, "default", store.ok_files())[0] == "ok"
+
+
+def test_missing_faiss_says_how_to_install(monkeypatch):
+    from larcq_ray.search.ann import faiss_module
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(LarcqError, match="pip install faiss-cpu"):
+        faiss_module()
+
+
+def test_search_engine_ann_answers_as_exact(search_corpus, tmp_path):
+    """The /search engine (what a Serve replica runs) with search.method: ann, built on demand, ranks
+    as the exact engine when the ANN returns every chunk; shards as live actors give the same too."""
+    import yaml
+
+    from larcq_ray.config import load_config
+    from larcq_ray.search.router import SearchEngine
+
+    _, cfg = search_corpus
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    exact = SearchEngine(load_config(str(path)))
+    ann = SearchEngine(load_config(str(path), ["search.method=ann", "search.ann.factory=Flat",
+                                               "search.ann.candidates=1000", "search.ann.name=engine_test",
+                                               "search.shard_chunks=1", "search.shard_num_cpus=0"]))
+    try:
+        assert ann.ann is not None and ann.ann.ntotal() > 0
+        query = "a church bell rings and then a choir sings"
+        for mode in ("audio-max+query-sum", "none"):
+            a, e = ann.search(query, 2, mode), exact.search(query, 2, mode)
+            assert [r.audio_id for r in a.results] == [r.audio_id for r in e.results]
+            np.testing.assert_allclose([r.score for r in a.results], [r.score for r in e.results], atol=1e-5)
+            assert [len(r.windows) for r in a.results] == [len(r.windows) for r in e.results]
+    finally:
+        ann.shards.close()
+
+
+def test_build_ann_command(search_corpus, tmp_path):
+    import json
+
+    import yaml
+
+    from larcq_ray.cli import main
+    from larcq_ray.index.store import IndexStore
+
+    root, cfg = search_corpus
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["build-ann", "--config", str(path), "--set", "search.ann.name=cli",
+                 "--set", "search.ann.factory=Flat"]) == 0
+    store = IndexStore(root / "run" / "index")
+    meta = json.loads((root / "run" / "index" / "ann" / "cli.json").read_text())
+    assert meta["factory"] == "Flat" and meta["n_rows"] == len(store.load_embeddings().chunk_emb)
+    assert ann_state(store, "cli", store.ok_files())[0] == "ok"
+
+
+def test_search_job_with_ann_writes_the_exact_shortlist(search_corpus, tmp_path):
+    """`larcq-ray search` with search.method: ann (built on demand) and an ANN that returns every
+    chunk writes the same shortlist and results as the exact job."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from larcq_ray.cli import main
+
+    root, cfg = search_corpus
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "index": {**cfg["index"], "location": str(root / "run" / "index")}}))
+    out = {}
+    for method in ("exact", "ann"):
+        run_dir = tmp_path / method
+        argv = ["search", "--config", str(path), "--run-dir", str(run_dir), "--query",
+                "a church bell rings and then a choir sings", "--query", "a car passes",
+                "--set", f"search.method={method}", "--set", "search.ann.factory=Flat", "--set", "search.ann.name=job",
+                "--set", "search.shard_chunks=1", "--set", "search.top_k=2"]
+        assert main(argv) == 0
+        out[method] = (pq.read_table(run_dir / "shortlist.parquet").to_pandas(),
+                       pq.read_table(run_dir / "results.parquet").to_pandas())
+    for a, e in zip(out["ann"], out["exact"]):
+        assert list(a["audio_id"]) == list(e["audio_id"]) and len(a) > 0
+        np.testing.assert_allclose(a["score"], e["score"], atol=1e-5)
