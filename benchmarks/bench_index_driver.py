@@ -60,15 +60,18 @@ def child(corpus: str, model: str, run_dir: str) -> None:
     ensure_ray(None, 2)
     start = _rss_mib()
     rows = [0]
+    first = [None]
 
     def seen(batch):
         rows[0] += len(batch["audio_id"])
+        if first[0] is None:
+            first[0] = time.time() - t0
 
     t0 = time.time()
     s = run_index(cfg, show_progress=False, seen=seen)
     print(json.dumps({"done": s.done, "failed": s.failed, "seconds": time.time() - t0, "start_mib": start,
                       "end_mib": _rss_mib(), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "driver_rows": rows[0]}))
+                      "driver_rows": rows[0], "first_status_s": first[0]}))
 
 
 def main() -> None:
@@ -85,7 +88,7 @@ def main() -> None:
         tmp = Path(tmp)
         model = build_tiny_clap(tmp / "clap", ["a tone", "noise hisses", "a low hum"] * 20, fusion=False, seed=0)
         print(f"{'files':>7} {'done':>7} {'failed':>6} {'seconds':>8} {'files/s':>8} {'start MiB':>10} "
-              f"{'peak MiB':>9} {'rows to driver':>15}")
+              f"{'peak MiB':>9} {'rows to driver':>15} {'first status s':>15}")
         for n in a.files:
             corpus = tmp / f"c{n}"
             write_corpus(corpus, n)
@@ -97,7 +100,8 @@ def main() -> None:
             r = json.loads(p.stdout.strip().splitlines()[-1])
             peaks.append((n, r["peak_mib"]))
             print(f"{n:>7} {r['done']:>7} {r['failed']:>6} {r['seconds']:>8.1f} {n / r['seconds']:>8.1f} "
-                  f"{r['start_mib']:>10.0f} {r['peak_mib']:>9.0f} {r['driver_rows']:>15}", flush=True)
+                  f"{r['start_mib']:>10.0f} {r['peak_mib']:>9.0f} {r['driver_rows']:>15} "
+                  f"{r['first_status_s']:>15.1f}", flush=True)
     if len(peaks) >= 2:
         (n0, p0), (n1, p1) = peaks[0], peaks[-1]
         growth = (p1 - p0) / (n1 - n0) * 10000

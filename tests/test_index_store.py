@@ -204,3 +204,28 @@ def test_an_index_on_s3_is_written_in_place_and_survives_the_driver(ray_session,
     assert "index/meta.json" in keys
     assert set(k.split("/", 2)[-1] for k in keys if k.startswith("index/chunks/")) == store.referenced_parts()
     _assert_same_index(store, clean)
+
+
+def test_the_driver_gets_rows_while_the_stream_still_runs(ray_session):
+    """A file is committed as soon as its rows arrive, not one block later: with Ray Data's default
+    iterator prefetch a finished block waited for the next one, so with a few large writer outputs
+    nothing was committed until the end of the run."""
+    import time
+
+    import numpy as np
+    import ray
+
+    from larcq_ray.core.file_job import FileJobSummary, FileResult, collect_files
+
+    def slow(batch):
+        time.sleep(3.0)
+        return {**batch, "made": np.full(len(batch["audio_id"]), time.time())}
+
+    ds = ray.data.from_items([{"audio_id": f"f{i}", "n_rows": 1} for i in range(3)], override_num_blocks=3)
+    ds = ds.map_batches(slow, batch_size=None, batch_format="numpy", concurrency=1)  # one block every 3 s
+    made, committed = [], []
+    collect_files(ds, 3, assemble=lambda a, rows: FileResult(a), commit=lambda rs: committed.append(time.time()),
+                  commit_every=1, summary=FileJobSummary("done", "rows"), desc="t", show_progress=False,
+                  seen=lambda b: made.append(float(b["made"][0])))
+    assert len(committed) == 3
+    assert committed[0] < made[1], "the first file waited for the next block"

@@ -44,8 +44,10 @@ class IndexConfig(_Strict):
     # "auto": device where the actors get a GPU, else cpu-torch. benchmarks/bench_features.py measures them.
     features: Literal["auto", "cpu-torch", "device", "cpu-numpy"] = "auto"
     commit_every_files: int = Field(64, ge=1)  # files per committed manifest part
-    # Embedded rows per chunks part the writer tasks put in the store (4096 x 512 float32 = 8 MB).
-    rows_per_part: int = Field(4096, ge=1)
+    # Embedded rows per chunks part the writer tasks put in the store (1024 x 512 float32 = 2 MB).
+    # A writer task waits for this many rows, so files are committed about every rows_per_part
+    # chunks (or commit_every_files files, whichever comes later): smaller commits more often.
+    rows_per_part: int = Field(1024, ge=1)
     # On disk: float32, or float16 (half the bytes; search computes in float32 either way).
     embedding_dtype: Literal["float32", "float16"] = "float32"
     # Where the index lives: None = <run_dir>/index; or any path or URI (s3://, gs://...): every

@@ -214,7 +214,15 @@ def run_search(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         candidates = ann_candidates(store.uri, sc.ann, ok.column("audio_id"), qs.embeddings, sc.shard_num_cpus)
     log.info("scoring %d queries against %d audios in %d shard(s) (%s)", len(qs.queries), shards.n_audios,
              len(shards.shards), sc.method)
-    results = shards.search(qs.embeddings, sc.modes, top_k=sc.top_k, gt_gidx=gt_index, candidates=candidates)
+    from tqdm import tqdm
+
+    n_jobs = len(shards.shards) if candidates is None else None  # ANN: one job per shard holding candidates
+    with tqdm(total=n_jobs, unit="shard", desc="search", disable=not show_progress) as bar:
+        results = shards.search(qs.embeddings, sc.modes, top_k=sc.top_k, gt_gidx=gt_index, candidates=candidates,
+                                progress=bar.update)
+        if n_jobs is None:
+            bar.total = bar.n
+            bar.refresh()
     # results.parquet needs the embeddings and chunk times of the top results_k audios only
     sub_audios, times, cut = top_audios(store, ok, results, sc.results_k)
     table = results_table(qs.queries, qs.embeddings, qs.chunk_texts, sub_audios, times, cut, sc.results_k)

@@ -98,6 +98,18 @@ def ray_get(refs):
         raise
 
 
+def _wait_all(refs, progress=None):
+    """ray_get(refs), calling progress(n) as n more of them finish."""
+    if progress is not None:
+        import ray
+
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            progress(len(done))
+    return ray_get(refs)
+
+
 def merge_top(results: list[ShardResult], modes: list[str], k: int
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per mode, the (Q, k) best of every shard's list by (score desc, audio index asc); padding
@@ -161,16 +173,23 @@ class ShardSet:
         self.actors = []
 
     # -- running one method on shards --------------------------------------------------------
-    def _run(self, method: str, queries, per_shard: list[tuple[int, pa.Table | None, np.ndarray | None, tuple, dict]]
-             ) -> list[ShardResult]:
+    def _run(self, method: str, queries, per_shard: list[tuple[int, pa.Table | None, np.ndarray | None, tuple, dict]],
+             progress=None) -> list[ShardResult]:
         """per_shard: (shard number, files subset or None = the whole shard, its gidx, args, kwargs);
-        queries: the QueryEmbeddings (in process) or their object-store reference."""
+        queries: the QueryEmbeddings (in process) or their object-store reference; progress(n) is
+        called as n more shards are done."""
         if self.local is not None:
-            return [getattr(self.local, method)(queries, *a, **kw) for _, _, _, a, kw in per_shard]
+            out = []
+            for _, _, _, a, kw in per_shard:
+                out.append(getattr(self.local, method)(queries, *a, **kw))
+                if progress is not None:
+                    progress(1)
+            return out
         import ray
 
         if self.actors:
-            return ray_get([self.actors[s].call.remote(method, queries, a, kw) for s, _, _, a, kw in per_shard])
+            return _wait_all([self.actors[s].call.remote(method, queries, a, kw) for s, _, _, a, kw in per_shard],
+                             progress)
         task = ray.remote(_shard_task).options(num_cpus=self.opt.num_cpus,
                                                num_gpus=_gpus(self.opt, len(self.shards)))
         refs = []
@@ -178,7 +197,7 @@ class ShardSet:
             sh = self.shards[s]
             refs.append(task.remote(self.uri, sh.files if files is None else files, sh.gidx if gidx is None else gidx,
                                     self.opt.device, self.opt.num_cpus, method, queries, a, kw))
-        return ray_get(refs)
+        return _wait_all(refs, progress)
 
     def _gt_phase(self, queries_ref, gt_gidx: np.ndarray, modes: list[str]) -> dict[str, np.ndarray]:
         uniq = np.unique(gt_gidx[gt_gidx >= 0])
@@ -199,7 +218,7 @@ class ShardSet:
 
     # -- search -----------------------------------------------------------------------------
     def search(self, queries: QueryEmbeddings, modes: list[str], top_k: int, gt_gidx: np.ndarray | None = None,
-               candidates: list[np.ndarray] | None = None) -> dict[str, ModeScores]:
+               candidates: list[np.ndarray] | None = None, progress=None) -> dict[str, ModeScores]:
         """Top-K per query and mode over every shard (or, with candidates, over each query's
         candidate audios, scored exactly), and the ground truth's rank when gt_gidx is given
         ((Q,) global indices, -1 for none)."""
@@ -220,9 +239,9 @@ class ShardSet:
             jobs = [(s.number, None, None, (modes, k),
                      dict(query_block=self.opt.query_block, chunk_block=self.opt.chunk_block, **kw))
                     for s in self.shards]
-            results = self._run("search", q_ref, jobs)
+            results = self._run("search", q_ref, jobs, progress)
         else:
-            results = self._run("search_candidates", q_ref, self._candidate_jobs(modes, k, candidates, kw))
+            results = self._run("search_candidates", q_ref, self._candidate_jobs(modes, k, candidates, kw), progress)
         if not results:
             raise LarcqError("no candidate audios to score")
         top_i, top_s = merge_top(results, modes, k)
