@@ -165,8 +165,8 @@ class _Recording(ShardSet):
 
     got: list
 
-    def _run(self, method, queries, per_shard):
-        out = super()._run(method, queries, per_shard)
+    def _run(self, method, queries, per_shard, progress=None):
+        out = super()._run(method, queries, per_shard, progress)
         self.got = getattr(self, "got", []) + out
         return out
 

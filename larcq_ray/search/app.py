@@ -8,7 +8,6 @@ Python: `run_server(cfg)`, or `serve.run(build_app(cfg), ...)`.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from ray.serve import Application
 
@@ -43,7 +42,7 @@ def check_index(cfg) -> None:
         raise LarcqError(f"run_dir {cfg.run_dir!r} is an object-store URI: the search service reads a local or "
                          "shared-filesystem run_dir; copy its index/ (and captions.parquet) there first")
     if not IndexStore(index_root(cfg)).exists():
-        raise LarcqError(f"no index in {Path(cfg.run_dir) / 'index'}: run `larcq-ray index` first")
+        raise LarcqError(f"no index in {index_root(cfg)}: run `larcq-ray index` first")
 
 
 def run_server(cfg, blocking: bool = True, app_name: str = APP_NAME) -> str:
