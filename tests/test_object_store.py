@@ -73,3 +73,17 @@ def test_staged_run_dir_uploads_what_a_failing_stage_committed(s3):
             (local / "index" / "part-0.parquet").write_bytes(b"committed before the crash")
             raise RuntimeError("stage died")
     assert open_location(uri).read_bytes("index/part-0.parquet") == b"committed before the crash"
+
+
+def test_publish_uploads_a_committed_part_before_the_stage_ends(s3):
+    """Caption parts go up when committed: a driver killed later (no cleanup runs) has not lost them."""
+    from larcq_ray.core.storage import publish
+
+    uri = s3("runs/publish")
+    with staged_run_dir(uri) as local:
+        part = local / "captions.parts" / "part-000000.parquet"
+        part.parent.mkdir()
+        part.write_bytes(b"one committed part")
+        assert publish(part)
+        assert open_location(uri).read_bytes("captions.parts/part-000000.parquet") == b"one committed part"
+    assert not publish(part)  # nothing staged any more: a local run_dir needs no upload

@@ -343,6 +343,50 @@ def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _LO - 1 - lo, bits.view(torch.float32)
 
 
+def _checked_inputs(queries: QueryEmbeddings, audios: AudioEmbeddings, modes: list[str]):
+    """Validated arrays: (audio chunks, audio offsets, audio whole or None, query whole, query chunks, query offsets)."""
+    n_aud, n_q = len(audios.audio_ids), len(queries.query_ids)
+    if n_aud == 0:
+        raise LarcqError("there are no audios to search")
+    a_chunks = _matrix(audios.chunk_emb, "audio chunk embeddings")
+    dim = a_chunks.shape[1]
+    a_off = _offsets(audios.chunk_offsets, n_aud, len(a_chunks), "audio chunk_offsets", "audio")
+    q_whole = _matrix(queries.whole_emb, "query embeddings", rows=n_q, dim=dim)
+    q_chunks = _matrix(queries.chunk_emb, "query chunk embeddings", dim=dim)
+    q_off = _offsets(queries.chunk_offsets, n_q, len(q_chunks), "query chunk_offsets", "query")
+    _finite(q_whole, "query embeddings")
+    _finite(q_chunks, "query chunk embeddings")
+    _finite(a_chunks, "audio chunk embeddings")
+    a_whole = None
+    if any(_SIDES[m][0] == "whole" for m in modes):
+        a_whole = _matrix(audios.whole_emb, "audio whole-file embeddings", rows=n_aud, dim=dim)
+        _finite(a_whole, "audio whole-file embeddings")
+    return a_chunks, a_off, a_whole, q_whole, q_chunks, q_off
+
+
+def _device(device: str):
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LarcqError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LarcqError(f"device {device!r} was asked for but CUDA is not available")
+    return dev
+
+
+def _plan(modes: list[str]):
+    """Which (query rows, audio columns) products the modes need: rows "w" (whole query) or "c"
+    (query chunks); columns "W" (audio whole), "S" (chunk sum) or "G" (chunk grid)."""
+    pieces = {m: ("w" if _SIDES[m][1] == "whole" else "c", _AUDIO_COLS[_SIDES[m][0]]) for m in modes}
+    need = set(pieces.values())
+    grid_rows = [r for r in ("w", "c") if (r, "G") in need]
+    small_rows = [r for r in ("w", "c") if (r, "W") in need or (r, "S") in need]
+    small_cols = [c for c in ("W", "S") if any(p[1] == c for p in need)]
+    return pieces, need, grid_rows, small_rows, small_cols
+
+
 # ---------------------------------------------------------------- scoring
 
 
@@ -369,21 +413,7 @@ def score(
             raise LarcqError(f"{name} must be >= 1, got {v}")
     n_aud = len(audios.audio_ids)
     n_q = len(queries.query_ids)
-    if n_aud == 0:
-        raise LarcqError("there are no audios to search")
-    a_chunks = _matrix(audios.chunk_emb, "audio chunk embeddings")
-    dim = a_chunks.shape[1]
-    a_off = _offsets(audios.chunk_offsets, n_aud, len(a_chunks), "audio chunk_offsets", "audio")
-    q_whole = _matrix(queries.whole_emb, "query embeddings", rows=n_q, dim=dim)
-    q_chunks = _matrix(queries.chunk_emb, "query chunk embeddings", dim=dim)
-    q_off = _offsets(queries.chunk_offsets, n_q, len(q_chunks), "query chunk_offsets", "query")
-    _finite(q_whole, "query embeddings")
-    _finite(q_chunks, "query chunk embeddings")
-    _finite(a_chunks, "audio chunk embeddings")
-    a_whole = None
-    if any(_SIDES[m][0] == "whole" for m in modes):
-        a_whole = _matrix(audios.whole_emb, "audio whole-file embeddings", rows=n_aud, dim=dim)
-        _finite(a_whole, "audio whole-file embeddings")
+    a_chunks, a_off, a_whole, q_whole, q_chunks, q_off = _checked_inputs(queries, audios, modes)
     if gt_index is not None:
         gt_index = np.asarray(gt_index)
         if gt_index.shape != (n_q,) or not np.issubdtype(gt_index.dtype, np.integer):
@@ -391,20 +421,8 @@ def score(
         gt_index = gt_index.astype(np.int64)
         if n_q and (gt_index.min() < -1 or gt_index.max() >= n_aud):
             raise LarcqError(f"gt_index values must be -1 or an audio index in [0, {n_aud})")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise LarcqError(f"unknown device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LarcqError(f"device {device!r} was asked for but CUDA is not available")
-
-    # Which (query rows, audio columns) products the modes need: rows "w" (whole query) or
-    # "c" (query chunks); columns "W" (audio whole), "S" (chunk sum) or "G" (chunk grid).
-    pieces = {m: ("w" if _SIDES[m][1] == "whole" else "c", _AUDIO_COLS[_SIDES[m][0]]) for m in modes}
-    need = set(pieces.values())
-    grid_rows = [r for r in ("w", "c") if (r, "G") in need]
-    small_rows = [r for r in ("w", "c") if (r, "W") in need or (r, "S") in need]
-    small_cols = [c for c in ("W", "S") if any(p[1] == c for p in need)]
+    dev = _device(device)
+    pieces, need, grid_rows, small_rows, small_cols = _plan(modes)
 
     k = min(int(top_k), n_aud)
     out_idx = {m: np.zeros((n_q, k), dtype=np.int64) for m in modes}
@@ -563,26 +581,11 @@ def count_above(
 
     modes = _check_modes(modes, audios.whole_emb is not None)
     n_aud, n_q = len(audios.audio_ids), len(queries.query_ids)
-    if n_aud == 0:
-        raise LarcqError("there are no audios to search")
-    a_chunks = _matrix(audios.chunk_emb, "audio chunk embeddings")
-    dim = a_chunks.shape[1]
-    a_off = _offsets(audios.chunk_offsets, n_aud, len(a_chunks), "audio chunk_offsets", "audio")
-    q_whole = _matrix(queries.whole_emb, "query embeddings", rows=n_q, dim=dim)
-    q_chunks = _matrix(queries.chunk_emb, "query chunk embeddings", dim=dim)
-    q_off = _offsets(queries.chunk_offsets, n_q, len(q_chunks), "query chunk_offsets", "query")
-    a_whole = None
-    if any(_SIDES[m][0] == "whole" for m in modes):
-        a_whole = _matrix(audios.whole_emb, "audio whole-file embeddings", rows=n_aud, dim=dim)
+    a_chunks, a_off, a_whole, q_whole, q_chunks, q_off = _checked_inputs(queries, audios, modes)
     gt_pos = np.asarray(gt_pos, dtype=np.int64).reshape(n_q)
     exclude = np.full(n_q, -1, dtype=np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(n_q)
-    dev = torch.device(device)
-
-    pieces = {m: ("w" if _SIDES[m][1] == "whole" else "c", _AUDIO_COLS[_SIDES[m][0]]) for m in modes}
-    need = set(pieces.values())
-    grid_rows = [r for r in ("w", "c") if (r, "G") in need]
-    small_rows = [r for r in ("w", "c") if (r, "W") in need or (r, "S") in need]
-    small_cols = [c for c in ("W", "S") if any(p[1] == c for p in need)]
+    dev = _device(device)
+    pieces, need, grid_rows, small_rows, small_cols = _plan(modes)
     k = min(int(top_k), n_aud)
     counts = {m: np.zeros(n_q, dtype=np.int64) for m in modes}
     out_idx = {m: np.zeros((n_q, k), dtype=np.int64) for m in modes}
