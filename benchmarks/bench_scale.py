@@ -11,7 +11,8 @@ events plus noise (unit vectors). A query is built from a target audio's events:
 from their sum, one query chunk per event, each with noise, so the target is findable but not trivial.
 
 Measured, on the same machine:
-- exact: `ShardSet.search` over live shard actors (search.shard_num_cpus = 1 each, one thread), mode
+- exact: `ShardSet.search` over live shard actors (one thread each; shard_num_cpus 1, or CPUs / shards
+  when there are more shards than CPUs), holding the float16 embeddings as stored, mode
   audio-max+query-sum, top 10; against `matmul`: a bare torch matmul of the same shapes in the same
   blocks (each query block's chunk rows x each chunk block), in one Ray task with as many threads as
   the shard actors together. exact_over_matmul = exact / matmul.
@@ -196,6 +197,7 @@ def main() -> int:
     from larcq_ray.search.config import AnnConfig
     from larcq_ray.search.scoring import QueryEmbeddings
     from larcq_ray.search.sharded import ShardOptions, ShardSet
+    from larcq_ray.search.shards import plan_shards
 
     ray.init(address=args.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -228,9 +230,12 @@ def main() -> int:
     ensure_ann(store.uri, ann_cfg, files, shard_chunks)  # up to date: no rebuild
 
     t0 = time.perf_counter()
-    shards = ShardSet(store.uri, ShardOptions(shard_chunks=shard_chunks, num_cpus=1, num_gpus=0, device="cpu",
+    # more shards than CPUs (10M chunks on 2 CPUs): each actor takes its share of the CPUs, one thread each
+    shard_cpus = min(1.0, cpus / len(plan_shards(files, shard_chunks)))
+    shards = ShardSet(store.uri, ShardOptions(shard_chunks=shard_chunks, num_cpus=shard_cpus, num_gpus=0, device="cpu",
                                               chunk_block=args.chunk_block), persistent=True, files=files)
-    print(f"shards: {len(shards.shards)} actors loaded in {time.perf_counter() - t0:.1f} s")
+    print(f"shards: {len(shards.shards)} actors ({shard_cpus:g} CPU each) loaded in {time.perf_counter() - t0:.1f} s; "
+          f"embeddings held as {store.embedding_dtype()}")
     shards.search(queries, [MODE], top_k=10)  # warm-up (first-call allocations)
     exact_s, exact = float("inf"), None
     for _ in range(2):

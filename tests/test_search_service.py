@@ -6,6 +6,7 @@ one with an API key and captions for b.wav only), queried with httpx."""
 from __future__ import annotations
 
 import httpx
+import numpy as np
 import pytest
 
 from conftest import SEARCH_API_KEY as API_KEY
@@ -145,8 +146,38 @@ def test_serve_search_flag_and_prefix_clash(tmp_path):
 
     with pytest.raises(LarcqError, match="no index in"):
         check_index(PipelineConfig(run_dir=str(tmp_path / "nothing")))
-    with pytest.raises(LarcqError, match="object-store URI"):
-        check_index(PipelineConfig(run_dir="s3://bucket/run"))
+
+
+def test_the_search_engine_reads_an_index_and_captions_on_s3_in_place(search_corpus, s3, tmp_path):
+    """A run_dir on an object store: the replica reads the index (and the stored captions) there, with
+    no local copy, and ranks as it does from the local run_dir."""
+    import pyarrow.fs as pafs
+    import yaml
+
+    from larcq_ray.config import load_config
+    from larcq_ray.core.errors import LarcqError
+    from larcq_ray.search.app import check_index
+    from larcq_ray.search.router import SearchEngine
+
+    root, cfg = search_corpus
+    uri = s3("runs/search")
+    fs, base = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(root / "run" / "index"), base + "/index", destination_filesystem=fs)
+    pafs.copy_files(str(root / "run" / "captions.parquet"), base + "/captions.parquet", destination_filesystem=fs)
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "s3.yaml").write_text(yaml.safe_dump({**cfg, "run_dir": uri}))
+    remote_cfg = load_config(str(tmp_path / "s3.yaml"))
+    check_index(remote_cfg)
+    local, remote = SearchEngine(load_config(str(tmp_path / "local.yaml"))), SearchEngine(remote_cfg)
+    assert remote.store.uri.startswith("s3://") and remote.n_audios == local.n_audios == 2
+    assert remote.captions is not None and remote.captions == local.captions
+    for mode in ("audio-max+query-sum", "none"):
+        r, want = remote.search(QUERY, 2, mode), local.search(QUERY, 2, mode)
+        assert [x.audio_id for x in r.results] == [x.audio_id for x in want.results]
+        np.testing.assert_allclose([x.score for x in r.results], [x.score for x in want.results], atol=1e-6)
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump({**cfg, "run_dir": s3("runs/none")}))
+    with pytest.raises(LarcqError, match="no index in"):
+        check_index(load_config(str(tmp_path / "none.yaml")))
 
 
 def test_audio_is_served_only_for_indexed_recordings(client):

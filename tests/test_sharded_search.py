@@ -12,7 +12,7 @@ from larcq_ray.index.store import IndexStore
 from larcq_ray.search.config import MODES
 from larcq_ray.search.scoring import QueryEmbeddings, count_above, score
 from larcq_ray.search.sharded import ShardOptions, ShardSet
-from larcq_ray.search.shards import ShardResult, plan_shards
+from larcq_ray.search.shards import ShardResult, ShardScorer, plan_shards
 
 AUDIO_MODES = [m for m in MODES if m.startswith("audio-")]
 
@@ -158,6 +158,23 @@ def test_persistent_shard_actors_and_in_process(ray_session, indexes):
     one = ShardSet(store.uri, ShardOptions(shard_chunks=10**6, device="cpu"), persistent=True, in_process=True)
     assert one.local is not None and not one.actors
     assert_same(one.search(q, ["audio-max+query-sum", "none"], top_k=5), want, ["audio-max+query-sum", "none"])
+
+
+def test_a_float16_index_stays_half_in_shard_memory(indexes, monkeypatch):
+    import larcq_ray.search.scoring as scoring
+
+    monkeypatch.setattr(scoring, "_WIDEN_ROWS", 5)  # sums widened over many slices
+    store = indexes["chunks"]
+    files = store.ok_files()
+    half = ShardScorer(store.uri, files, np.arange(files.num_rows), device="cpu")
+    full = store.load_embeddings()
+    assert half.audios.chunk_emb.dtype == np.float16 and full.chunk_emb.dtype == np.float32
+    np.testing.assert_array_equal(half.audios.chunk_emb.astype(np.float32), full.chunk_emb)
+    q = make_queries(7, 16, seed=13)
+    gt = _gt(7, files.num_rows, seed=14)
+    # widened block by block, the scores are those of the float32 embeddings (sums too)
+    assert_same(score(q, half.audios, AUDIO_MODES, top_k=6, gt_index=gt, chunk_block=11),
+                score(q, full, AUDIO_MODES, top_k=6, gt_index=gt, chunk_block=11), AUDIO_MODES)
 
 
 class _Recording(ShardSet):

@@ -140,7 +140,9 @@ class _ActorRunner:
 _task_stages: dict[str, Any] = {}  # per worker process: one set-up copy of each task stage
 
 
-def _run_task(batch: Batch, stage: Stage) -> Batch:
+def run_in_task(batch: Batch, stage: Stage) -> Batch:
+    """One batch through `stage` in a Ray task (Ray Data's task pools, or plain tasks as synthesis
+    renders): the stage is set up once per worker process and kept for the next batches."""
     key = f"{type(stage).__qualname__}:{stage!r}"  # stages are dataclasses: repr is their settings
     ready = _task_stages.get(key)
     if ready is None:
@@ -164,4 +166,4 @@ def map_stage(ds, stage: Stage, batch_size: int | None):
                               fn_constructor_kwargs=dict(stage=stage, torch_threads=res.torch_threads), **common)
     if res.tasks:
         common["compute"] = ray.data.TaskPoolStrategy(size=res.tasks)
-    return ds.map_batches(_run_task, fn_kwargs=dict(stage=stage), num_gpus=res.gpus or None, **common)
+    return ds.map_batches(run_in_task, fn_kwargs=dict(stage=stage), num_gpus=res.gpus or None, **common)

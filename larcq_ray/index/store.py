@@ -60,7 +60,7 @@ class AudioEmbeddings:
     """The index in memory, as search scores it."""
 
     audio_ids: list[str]  # A audios
-    chunk_emb: np.ndarray  # (C, D) float32; chunks of audio a are rows chunk_offsets[a]:chunk_offsets[a+1]
+    chunk_emb: np.ndarray  # (C, D) float32 (float16 if loaded keep_half); chunks of audio a are rows chunk_offsets[a]:chunk_offsets[a+1]
     chunk_offsets: np.ndarray  # (A+1,) int64, starts at 0, every audio has >= 1 chunk
     whole_emb: np.ndarray | None  # (A, D) one whole-file embedding per audio; None if the index has none
 
@@ -263,16 +263,19 @@ class IndexStore:
     def read_files(self) -> pa.Table:
         return self.current_files().drop_columns(["part", "chunk_parts"])
 
-    def read_chunks_of(self, files: pa.Table, columns: Optional[Iterable[str]] = None) -> pa.Table:
+    def read_chunks_of(self, files: pa.Table, columns: Optional[Iterable[str]] = None,
+                       keep_half: bool = False) -> pa.Table:
         """The chunk rows of exactly `files` (rows of current_files), read part by part from the parts
-        they name; a (audio_id, chunk_index) seen twice is kept once; embeddings as float32."""
+        they name; a (audio_id, chunk_index) seen twice is kept once; embeddings as float32, or as
+        stored when keep_half and the index is float16."""
         cols = list(columns or INDEX_CHUNK_SCHEMA.names)
         need = list(dict.fromkeys(cols + ["audio_id", "chunk_index"]))
         want: dict[str, set[str]] = {}
         for a, parts in zip(files.column("audio_id").to_pylist(), files.column("chunk_parts").to_pylist()):
             for p in parts or ():
                 want.setdefault(p, set()).add(a)
-        out_schema = pa.schema([INDEX_CHUNK_SCHEMA.field(c) for c in need])
+        schema = chunk_schema(self.embedding_dtype()) if keep_half else INDEX_CHUNK_SCHEMA
+        out_schema = pa.schema([schema.field(c) for c in need])
         tables = []
         for name in sorted(want):
             t = self._read_table("chunks", name, columns=need)
@@ -299,11 +302,12 @@ class IndexStore:
     def recorded_ids(self) -> set[str]:
         return set(self.current_files().column("audio_id").to_pylist())
 
-    def load_embeddings(self, files: Optional[pa.Table] = None) -> AudioEmbeddings:
+    def load_embeddings(self, files: Optional[pa.Table] = None, keep_half: bool = False) -> AudioEmbeddings:
         """The audios of `files` (default: every ok file), sorted by id, chunks in order; whole-file rows
-        become whole_emb."""
+        become whole_emb. keep_half: a float16 index stays float16 in memory (half the bytes; the scorer
+        widens each block to float32 as it uses it, so scores are the same)."""
         files = self.ok_files() if files is None else files
-        table = self.read_chunks_of(files)
+        table = self.read_chunks_of(files, keep_half=keep_half)
         if table.num_rows == 0:
             raise LarcqError(f"the index in {self.uri} holds no embeddings (every file failed?)")
         return embeddings_from_table(table)
@@ -314,7 +318,8 @@ def embeddings_from_table(table: pa.Table) -> AudioEmbeddings:
     ids = table.column("audio_id").to_numpy(zero_copy_only=False)
     cidx = table.column("chunk_index").to_numpy()
     emb_col = table.column("embedding").combine_chunks()
-    emb = np.asarray(pc.list_flatten(emb_col).to_numpy(zero_copy_only=False), dtype=np.float32)
+    half = pa.types.is_float16(emb_col.type.value_type)  # kept half (load_embeddings(keep_half=True))
+    emb = np.asarray(pc.list_flatten(emb_col).to_numpy(zero_copy_only=False), dtype=np.float16 if half else np.float32)
     emb = emb.reshape(table.num_rows, -1)
     order = np.lexsort((cidx, ids))
     ids, cidx, emb = ids[order], cidx[order], emb[order]

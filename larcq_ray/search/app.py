@@ -1,6 +1,7 @@
 """Build and run the /search Serve application (`larcq-ray serve-search --config CFG`).
 
-The replica gets the whole PipelineConfig: the index is cfg.run_dir/index, the text tower is
+The replica gets the whole PipelineConfig: the index is index_root(cfg) (run_dir/index or
+index.location, a path or an object-store URI, read in place), the text tower is
 cfg.model, query chunking is cfg.search, and the service's own settings are cfg.search.serve.
 Python: `run_server(cfg)`, or `serve.run(build_app(cfg), ...)`.
 """
@@ -34,13 +35,11 @@ def search_app(cfg, app_name: str = APP_NAME) -> ServeApp:
 
 
 def check_index(cfg) -> None:
-    """Say a missing index here, not as a replica that fails to start."""
-    from larcq_ray.core.storage import is_uri
+    """Say a missing index here, not as a replica that fails to start. The index may be anywhere the
+    replicas and shard actors can read (a path they all see, or an object-store URI): they read it in
+    place."""
     from larcq_ray.index.store import IndexStore, index_root
 
-    if is_uri(cfg.run_dir):  # every replica reads the index itself: it must be on a path they all see
-        raise LarcqError(f"run_dir {cfg.run_dir!r} is an object-store URI: the search service reads a local or "
-                         "shared-filesystem run_dir; copy its index/ (and captions.parquet) there first")
     if not IndexStore(index_root(cfg)).exists():
         raise LarcqError(f"no index in {index_root(cfg)}: run `larcq-ray index` first")
 

@@ -52,6 +52,7 @@ _SIDES: dict[str, tuple[str, str]] = {
 _AUDIO_COLS = {"whole": "W", "sum": "S", "max": "G"}
 # Padded audio blocks are cached across query blocks when they fit in this many bytes.
 _CACHE_BYTES = 512 * 2**20
+_WIDEN_ROWS = 1 << 18  # float16 chunk rows widened to float32 at once when summing
 # Padding a block to its longest audio may waste at most this fraction of its grid.
 _MAX_PAD_WASTE = 0.25
 # On CPU the grid is computed in column tiles of about this many chunks: a tile's chunk matrix and
@@ -100,7 +101,10 @@ def _check_modes(modes: Sequence[str], has_whole: bool) -> list[str]:
     return out
 
 
-def _matrix(x: np.ndarray, name: str, rows: int | None = None, dim: int | None = None) -> np.ndarray:
+def _matrix(x: np.ndarray, name: str, rows: int | None = None, dim: int | None = None,
+            keep_half: bool = False) -> np.ndarray:
+    """x as a contiguous float32 matrix (float16 kept as is with keep_half: audio embeddings of a
+    float16 index, widened block by block where they are used)."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise LarcqError(f"{name} must be a 2-D array, got shape {x.shape}")
@@ -111,7 +115,7 @@ def _matrix(x: np.ndarray, name: str, rows: int | None = None, dim: int | None =
             f"embedding dimension mismatch: {name} has dimension {x.shape[1]}, expected {dim} "
             "(queries and audios must be embedded by the same model)"
         )
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float16 if keep_half and x.dtype == np.float16 else np.float32)
 
 
 def _offsets(off: np.ndarray, n_items: int, n_rows: int, name: str, what: str) -> np.ndarray:
@@ -197,16 +201,21 @@ class _AudioSide:
             [blk.start for blk in self.blocks], [blk.stop - blk.start for blk in self.blocks])
         self.low = torch.from_numpy(_LO - 1 - self.order).to(dev)  # the index half of the ranking keys
         self.tile_cols = _CPU_TILE_COLS if dev.type == "cpu" else chunk_block
-        chunks = _tensor(chunk_emb, dev)
+        chunks = _tensor(chunk_emb, dev)  # float16 stays float16 here: grid_cols widens each block
         self.chunks = chunks if "G" in need else None
         # Whole and summed embeddings in block order, so a block's rows are a slice.
         order_t = torch.from_numpy(self.order).to(dev)
         self.small: list[torch.Tensor] = []
         if "W" in need:
-            self.small.append(_tensor(whole, dev).index_select(0, order_t))
+            self.small.append(_tensor(whole, dev).index_select(0, order_t).float())
         if "S" in need:  # index_add_, not np.add.reduceat: the latter is ~20x slower on 1M chunks
             seg = torch.from_numpy(np.repeat(np.arange(len(counts)), counts)).to(dev)
-            sums = torch.zeros((len(counts), chunks.shape[1]), dtype=chunks.dtype, device=dev).index_add_(0, seg, chunks)
+            sums = torch.zeros((len(counts), chunks.shape[1]), dtype=torch.float32, device=dev)
+            if chunks.dtype == torch.float32:
+                sums.index_add_(0, seg, chunks)
+            else:  # summed in float32, a slice widened at a time
+                for a in range(0, len(chunks), _WIDEN_ROWS):
+                    sums.index_add_(0, seg[a:a + _WIDEN_ROWS], chunks[a:a + _WIDEN_ROWS].float())
             self.small.append(sums.index_select(0, order_t))
         padded = sum((b.stop - b.start) * b.kmax for b in self.blocks) * chunk_emb.shape[1] * 4
         self.cache: dict[int, torch.Tensor] | None = {} if padded <= _CACHE_BYTES else None
@@ -232,7 +241,7 @@ class _AudioSide:
         dest = a0[None, :] * kmax + np.arange(kmax)[:, None] * m[None, :] + (p - a0)[None, :]
         rows = np.empty(n * kmax, dtype=np.int64)
         rows[dest.reshape(-1)] = src.reshape(-1)
-        cols = self.chunks.index_select(0, torch.from_numpy(rows).to(self.dev))
+        cols = self.chunks.index_select(0, torch.from_numpy(rows).to(self.dev)).float()  # no copy if float32
         if self.cache is not None:
             self.cache[b] = cols
         return cols
@@ -348,7 +357,7 @@ def _checked_inputs(queries: QueryEmbeddings, audios: AudioEmbeddings, modes: li
     n_aud, n_q = len(audios.audio_ids), len(queries.query_ids)
     if n_aud == 0:
         raise LarcqError("there are no audios to search")
-    a_chunks = _matrix(audios.chunk_emb, "audio chunk embeddings")
+    a_chunks = _matrix(audios.chunk_emb, "audio chunk embeddings", keep_half=True)
     dim = a_chunks.shape[1]
     a_off = _offsets(audios.chunk_offsets, n_aud, len(a_chunks), "audio chunk_offsets", "audio")
     q_whole = _matrix(queries.whole_emb, "query embeddings", rows=n_q, dim=dim)
@@ -359,7 +368,7 @@ def _checked_inputs(queries: QueryEmbeddings, audios: AudioEmbeddings, modes: li
     _finite(a_chunks, "audio chunk embeddings")
     a_whole = None
     if any(_SIDES[m][0] == "whole" for m in modes):
-        a_whole = _matrix(audios.whole_emb, "audio whole-file embeddings", rows=n_aud, dim=dim)
+        a_whole = _matrix(audios.whole_emb, "audio whole-file embeddings", rows=n_aud, dim=dim, keep_half=True)
         _finite(a_whole, "audio whole-file embeddings")
     return a_chunks, a_off, a_whole, q_whole, q_chunks, q_off
 

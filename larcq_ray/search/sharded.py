@@ -156,8 +156,14 @@ class ShardSet:
                     f"takes {opt.num_cpus} CPU(s), more than the cluster's {cpus:g}: raise search.shard_chunks or "
                     "lower search.shard_num_cpus")
             cls = ray.remote(_ShardActor).options(num_cpus=opt.num_cpus, num_gpus=_gpus(opt, len(self.shards)))
-            self.actors = [cls.remote(self.uri, s.files, s.gidx, opt.device, opt.num_cpus) for s in self.shards]
-            infos = ray_get([a.info.remote() for a in self.actors])
+            # Loading a shard briefly takes a few times its size: at most one shard per CPU loads at once,
+            # so the peak is the shards held plus a few loading, not every shard's load at the same time.
+            wave = max(1, int(cpus))
+            infos = []
+            for w in range(0, len(self.shards), wave):
+                new = [cls.remote(self.uri, s.files, s.gidx, opt.device, opt.num_cpus) for s in self.shards[w:w + wave]]
+                self.actors += new
+                infos += ray_get([a.info.remote() for a in new])
             self.info = {"n_audios": sum(i["n_audios"] for i in infos), "n_chunks": sum(i["n_chunks"] for i in infos),
                          "has_whole": all(i["has_whole"] for i in infos), "dim": infos[0]["dim"]}
 

@@ -105,7 +105,8 @@ class ShardScorer:
 
     def __init__(self, index_uri: str, files: pa.Table, gidx: np.ndarray, device: str = "auto",
                  audios: AudioEmbeddings | None = None):
-        self.audios = audios if audios is not None else IndexStore(index_uri).load_embeddings(files)
+        # a float16 index stays float16 in memory: a shard's memory is half its float32 size
+        self.audios = audios if audios is not None else IndexStore(index_uri).load_embeddings(files, keep_half=True)
         want = files.column("audio_id").to_pylist()
         if self.audios.audio_ids != want:
             missing = sorted(set(want) - set(self.audios.audio_ids))

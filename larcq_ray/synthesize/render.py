@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import soundfile as sf
 
-from larcq_ray.core.stage import Batch, Resources, Stage, _run_task, cluster_cpus, resolve
+from larcq_ray.core.stage import Batch, Resources, Stage, run_in_task, cluster_cpus, resolve
 from larcq_ray.core.storage import Location, open_location
 from larcq_ray.synthesize.plan import LongAudioPlan
 
@@ -171,7 +171,7 @@ def run_render_tasks(stage: Stage, batches: list[Batch], workers: int | None) ->
         window = workers
     else:
         window = 2 * max(1, int(cluster_cpus() // max(res.cpus, 1e-9)))
-    task = ray.remote(_run_task).options(**opts)
+    task = ray.remote(run_in_task).options(**opts)
     stage_ref = ray.put(stage)  # shipped once, not once per task
     todo = iter(batches)
     running: dict = {}
