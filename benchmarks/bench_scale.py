@@ -231,7 +231,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     # more shards than CPUs (10M chunks on 2 CPUs): each actor takes its share of the CPUs, one thread each
-    shard_cpus = min(1.0, cpus / len(plan_shards(files, shard_chunks)))
+    shard_cpus = min(1.0, int(1000 * cpus / len(plan_shards(files, shard_chunks))) / 1000)  # rounded down: all fit
     shards = ShardSet(store.uri, ShardOptions(shard_chunks=shard_chunks, num_cpus=shard_cpus, num_gpus=0, device="cpu",
                                               chunk_block=args.chunk_block), persistent=True, files=files)
     print(f"shards: {len(shards.shards)} actors ({shard_cpus:g} CPU each) loaded in {time.perf_counter() - t0:.1f} s; "

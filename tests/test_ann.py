@@ -63,6 +63,27 @@ def test_ann_candidates_are_rescored_exactly(ray_session, index):
         assert got.topk_index[i, 0] == best
 
 
+def test_a_shard_is_added_in_float32_slices_as_if_at_once(tmp_path, monkeypatch):
+    """_add_task reads a float16 index as stored and adds it in slices: the index it gives is the
+    one adding every float32 row at once gives (same codes, same order)."""
+    import larcq_ray.search.ann as ann_mod
+
+    store = write_synthetic_index(tmp_path / "index", 30, 16, seed=6, whole=False, dtype="float16")
+    files = store.ok_files()
+    faiss = ann_mod.faiss_module()
+    x, ids = ann_mod._chunk_matrix(store, files)
+    assert x.dtype == np.float32 and ann_mod._chunk_matrix(store, files, keep_half=True)[0].dtype == np.float16
+    for factory in ("IVF4,PQ4x4", "Flat"):
+        trained = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+        trained.train(x)
+        whole = ann_mod._deserialize(ann_mod._serialize(trained))
+        whole.add(x)
+        monkeypatch.setattr(ann_mod, "_ADD_ROWS", 7)  # many slices
+        buf, got_ids = ann_mod._add_task(store.uri, files, ann_mod._serialize(trained))
+        assert got_ids.equals(ids)
+        assert np.array_equal(np.asarray(buf), ann_mod._serialize(whole)), factory
+
+
 def test_stale_ann_index_is_refused_or_rebuilt(ray_session, tmp_path):
     store = write_synthetic_index(tmp_path / "index", 12, 8, seed=5, whole=False)
     cfg = AnnConfig(factory="Flat", build_on_demand=False)

@@ -35,6 +35,8 @@ from larcq_ray.index.store import IndexStore
 log = logging.getLogger(__name__)
 
 
+_ADD_ROWS = 65536  # chunk rows added to a FAISS index at once
+
 def faiss_module():
     try:
         import faiss
@@ -80,15 +82,23 @@ def _deserialize(buf: np.ndarray):
     return faiss_module().deserialize_index(np.asarray(buf, dtype=np.uint8))
 
 
-def _chunk_matrix(store: IndexStore, files: pa.Table) -> tuple[np.ndarray, pa.Array]:
+def _chunk_matrix(store: IndexStore, files: pa.Table, keep_half: bool = False) -> tuple[np.ndarray, pa.Array]:
     """The chunk embeddings that search scores (whole-file rows left out unless an audio has nothing
-    else), float32, and the audio_id of each row."""
+    else), float32 (float16 as stored with keep_half), and the audio_id of each row."""
     from larcq_ray.index.store import embeddings_from_table
 
-    t = store.read_chunks_of(files, columns=["audio_id", "chunk_index", "embedding"])
+    t = store.read_chunks_of(files, columns=["audio_id", "chunk_index", "embedding"], keep_half=keep_half)
     a = embeddings_from_table(t)
+    del t
     ids = pa.array(np.repeat(np.asarray(a.audio_ids, dtype=object), np.diff(a.chunk_offsets)), type=pa.string())
-    return np.ascontiguousarray(a.chunk_emb, dtype=np.float32), ids
+    return (a.chunk_emb if keep_half else np.ascontiguousarray(a.chunk_emb, dtype=np.float32)), ids
+
+
+def _add_rows(index, x: np.ndarray) -> None:
+    """index.add in slices widened to float32: FAISS's working memory (assignments, residuals) and
+    the float32 copy are per slice, so a shard's add takes about its stored size, not several times it."""
+    for a in range(0, len(x), _ADD_ROWS):
+        index.add(np.ascontiguousarray(x[a:a + _ADD_ROWS], dtype=np.float32))
 
 
 def _train_task(uri: str, files: pa.Table, factory: str, sample: int, seed: int = 0):
@@ -111,8 +121,8 @@ def _train_task(uri: str, files: pa.Table, factory: str, sample: int, seed: int 
 def _add_task(uri: str, files: pa.Table, trained: np.ndarray):
     """One shard's chunks added to a copy of the trained index: (serialized index, audio_id per row)."""
     index = _deserialize(trained)
-    x, ids = _chunk_matrix(IndexStore(uri), files)
-    index.add(x)
+    x, ids = _chunk_matrix(IndexStore(uri), files, keep_half=True)
+    _add_rows(index, x)
     return _serialize(index), ids
 
 
@@ -138,8 +148,8 @@ def _merge_task(uri: str, name: str, parts: list, meta: dict, trained=None, shar
     if shard_files is not None:
         index = _deserialize(trained)
         for files in shard_files:
-            x, part_ids = _chunk_matrix(IndexStore(uri), files)
-            index.add(x)
+            x, part_ids = _chunk_matrix(IndexStore(uri), files, keep_half=True)
+            _add_rows(index, x)
             ids.append(part_ids)
             del x
     for ref in parts:
