@@ -248,8 +248,11 @@ class AnnSearcher:
             raise LarcqError(f"the ANN index {name!r} names audios the index no longer holds: rebuild it "
                              "(`larcq-ray build-ann`)")
         self.row_gidx = g.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.set_nprobe(nprobe)
+
+    def set_nprobe(self, nprobe: int) -> None:
         try:
-            faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", int(nprobe))
+            faiss_module().ParameterSpace().set_index_parameter(self.index, "nprobe", int(nprobe))
         except RuntimeError:  # an index without lists (Flat, HNSW): nothing to set
             pass
 

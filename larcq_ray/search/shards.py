@@ -107,6 +107,8 @@ class ShardScorer:
                  audios: AudioEmbeddings | None = None):
         # a float16 index stays float16 in memory: a shard's memory is half its float32 size
         self.audios = audios if audios is not None else IndexStore(index_uri).load_embeddings(files, keep_half=True)
+        # Arrow's allocator keeps what loading freed (a few times the shard) unless asked to give it back
+        pa.default_memory_pool().release_unused()
         want = files.column("audio_id").to_pylist()
         if self.audios.audio_ids != want:
             missing = sorted(set(want) - set(self.audios.audio_ids))
