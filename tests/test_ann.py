@@ -84,6 +84,26 @@ def test_a_shard_is_added_in_float32_slices_as_if_at_once(tmp_path, monkeypatch)
         assert np.array_equal(np.asarray(buf), ann_mod._serialize(whole)), factory
 
 
+def test_rescore_keeps_the_audios_with_the_best_vote(index):
+    """With exact similarities (Flat) and every chunk fetched, the vote of an audio is its whole-query
+    audio-max score plus its audio-max+query-sum score: rescore=r keeps exactly the r best by that."""
+    cfg = AnnConfig(name="vote", factory="Flat", candidates=10_000)
+    build_ann(index.uri, cfg, shard_chunks=40, num_cpus=0.5)
+    files = index.ok_files()
+    ann = AnnSearcher(index.uri, "vote", files.column("audio_id"), cfg.nprobe)
+    q = make_queries(5, 16, seed=21)
+    full = ann.candidates(q.whole_emb, q.chunk_emb, q.chunk_offsets, cfg.candidates)
+    kept = ann.candidates(q.whole_emb, q.chunk_emb, q.chunk_offsets, cfg.candidates, rescore=7)
+    exact = score(q, index.load_embeddings(), ["audio-max", "audio-max+query-sum"], top_k=files.num_rows)
+    for i in range(5):
+        assert len(full[i]) == files.num_rows and len(kept[i]) == 7
+        vote = {}
+        for m in ("audio-max", "audio-max+query-sum"):
+            for j, sc in zip(exact[m].topk_index[i].tolist(), exact[m].topk_score[i].tolist()):
+                vote[j] = vote.get(j, 0.0) + sc
+        assert kept[i].tolist() == sorted(sorted(vote, key=lambda j: (-vote[j], j))[:7])
+
+
 def test_stale_ann_index_is_refused_or_rebuilt(ray_session, tmp_path):
     store = write_synthetic_index(tmp_path / "index", 12, 8, seed=5, whole=False)
     cfg = AnnConfig(factory="Flat", build_on_demand=False)

@@ -229,3 +229,27 @@ def test_the_driver_gets_rows_while_the_stream_still_runs(ray_session):
                   seen=lambda b: made.append(float(b["made"][0])))
     assert len(committed) == 3
     assert committed[0] < made[1], "the first file waited for the next block"
+
+
+@pytest.mark.parametrize("value_type", [pa.float32(), pa.float16()])
+def test_rows_are_gathered_as_arrow_takes_them_and_any_row_order_loads_the_same(value_type):
+    """_take_rows (the numpy gather that sorts a shard's rows) equals Arrow's take on a chunked table;
+    embeddings_from_table gives the same audios from sorted rows (no copy) and shuffled ones."""
+    from larcq_ray.index.store import _take_rows, embeddings_from_table
+
+    rng = np.random.default_rng(0)
+    n, dim = 40, 6
+    ids = [f"a{int(i):02d}.wav" for i in rng.integers(0, 9, n)]
+    emb = rng.normal(size=(n, dim)).astype(value_type.to_pandas_dtype())
+    table = pa.table({"audio_id": ids, "chunk_index": pa.array(np.arange(n), pa.int32()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+                      .cast(pa.list_(value_type))})
+    chunked = pa.concat_tables([table.slice(0, 13), table.slice(13, 20), table.slice(33)])
+    order = pc.sort_indices(chunked, [("audio_id", "ascending"), ("chunk_index", "ascending")])
+    got, want = _take_rows(chunked, order), chunked.take(order)
+    assert got.schema == want.schema and got.equals(want)
+    sorted_, shuffled = embeddings_from_table(got), embeddings_from_table(chunked)
+    assert sorted_.chunk_emb.dtype == value_type.to_pandas_dtype()
+    assert sorted_.audio_ids == shuffled.audio_ids == sorted(set(ids))
+    np.testing.assert_array_equal(sorted_.chunk_offsets, shuffled.chunk_offsets)
+    np.testing.assert_array_equal(sorted_.chunk_emb, shuffled.chunk_emb)

@@ -259,26 +259,45 @@ class AnnSearcher:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def candidates(self, whole: np.ndarray, chunks: np.ndarray, chunk_offsets: np.ndarray, n: int) -> list[np.ndarray]:
-        """Per query, the sorted global indices of the audios of the n nearest chunks of each of its rows."""
+    def candidates(self, whole: np.ndarray, chunks: np.ndarray, chunk_offsets: np.ndarray, n: int,
+                   rescore: int = 0) -> list[np.ndarray]:
+        """Per query, the sorted global indices of the audios of the n nearest chunks of each of its rows.
+
+        rescore > 0 keeps only the `rescore` audios with the best approximate vote: the sum over the
+        query's rows (whole query and chunks) of the audio's best similarity among the fetched chunks,
+        a row that fetched none of its chunks counting the row's lowest fetched similarity (the most
+        it could have had). Deep fetches find the audios that match several query events; the vote
+        keeps those, so fewer audios are scored exactly."""
         q = len(whole)
         x = np.ascontiguousarray(np.concatenate([whole, chunks]), dtype=np.float32)
         k = min(int(n), self.ntotal())
-        _, rows = self.index.search(x, k)
+        sims, rows = self.index.search(x, k)
         owner = np.concatenate([np.arange(q), np.repeat(np.arange(q), np.diff(chunk_offsets))])
         aud = np.where(rows >= 0, self.row_gidx[np.maximum(rows, 0)], -1)
         order = np.argsort(owner, kind="stable")
         bounds = np.searchsorted(owner[order], np.arange(q + 1))
         out = []
         for i in range(q):  # a loop over queries
-            a = aud[order[bounds[i]:bounds[i + 1]]].reshape(-1)
-            out.append(np.unique(a[a >= 0]))
+            mine = order[bounds[i]:bounds[i + 1]]
+            a = aud[mine]
+            found = a >= 0
+            uniq, inv = np.unique(a[found], return_inverse=True)
+            if rescore <= 0 or len(uniq) <= rescore:
+                out.append(uniq)
+                continue
+            d = sims[mine]
+            floor = np.where(found, d, np.inf).min(1)
+            best = np.repeat(np.where(np.isfinite(floor), floor, 0.0)[:, None], len(uniq), 1)
+            np.maximum.at(best, (np.nonzero(found)[0], inv), d[found])
+            vote = best.sum(0)
+            keep = np.lexsort((uniq, -vote))[:rescore]  # best vote first, ties by audio index
+            out.append(np.sort(uniq[keep]))
         return out
 
 
-def _candidates_task(uri, name, audio_ids, nprobe, queries, n):
+def _candidates_task(uri, name, audio_ids, nprobe, queries, n, rescore):
     s = AnnSearcher(uri, name, audio_ids, nprobe)
-    return s.candidates(queries.whole_emb, queries.chunk_emb, queries.chunk_offsets, n)
+    return s.candidates(queries.whole_emb, queries.chunk_emb, queries.chunk_offsets, n, rescore)
 
 
 def ann_candidates(index_uri: str, ann_cfg, audio_ids: pa.Array, queries, num_cpus: float = 1.0) -> list[np.ndarray]:
@@ -288,7 +307,8 @@ def ann_candidates(index_uri: str, ann_cfg, audio_ids: pa.Array, queries, num_cp
     from larcq_ray.search.sharded import ray_get
 
     task = ray.remote(_candidates_task).options(num_cpus=num_cpus)
-    return ray_get(task.remote(index_uri, ann_cfg.name, audio_ids, ann_cfg.nprobe, queries, ann_cfg.candidates))
+    return ray_get(task.remote(index_uri, ann_cfg.name, audio_ids, ann_cfg.nprobe, queries, ann_cfg.candidates,
+                                   ann_cfg.rescore))
 
 
 def run(cfg) -> dict:

@@ -44,6 +44,9 @@ class AnnConfig(_Strict):
     nprobe: int = Field(32, ge=1)  # IVF lists visited per query row
     # nearest chunks per query row (the whole query and each query chunk): their audios are the candidates
     candidates: int = Field(256, ge=1)
+    # candidate audios re-scored exactly per query: 0 = all of them; N = the N with the best approximate
+    # vote (sum over the query's rows of the audio's best fetched-chunk similarity). Fetch deep, re-score few.
+    rescore: int = Field(0, ge=0)
     train_sample: int = Field(100_000, ge=1000)  # chunks the quantizers are trained on
     # a missing or stale index (the index gained, lost or changed files since it was built):
     # build it on demand (true), or refuse with a message that says to run `larcq-ray build-ann` (false)

@@ -222,7 +222,7 @@ class SearchEngine:
             cands = None
             if self.ann is not None:
                 cands = self.ann.candidates(q_emb.whole_emb, q_emb.chunk_emb, q_emb.chunk_offsets,
-                                            search_cfg.ann.candidates)
+                                            search_cfg.ann.candidates, search_cfg.ann.rescore)
             scores = self.shards.search(q_emb, [mode], top_k=k, candidates=cands)
             audios, times, cut = top_audios(self.store, self.files, scores, k)
             table = results_table([query], q_emb, chunks, audios, times, cut, k, device=self.device)
