@@ -253,3 +253,14 @@ def test_rows_are_gathered_as_arrow_takes_them_and_any_row_order_loads_the_same(
     assert sorted_.audio_ids == shuffled.audio_ids == sorted(set(ids))
     np.testing.assert_array_equal(sorted_.chunk_offsets, shuffled.chunk_offsets)
     np.testing.assert_array_equal(sorted_.chunk_emb, shuffled.chunk_emb)
+
+
+def test_index_writers_take_no_cpu_slot():
+    """Writers must be schedulable while decode tasks hold every CPU: with even a quarter CPU they
+    waited until all decoding was done, and a 100,000-file run committed nothing until its end
+    (benchmarks/bench_index_driver.py prints when the first status row arrives)."""
+    from larcq_ray.core.stage import resolve
+    from larcq_ray.index.writer import IndexWriteStage
+
+    res = resolve(IndexWriteStage("unused").resources())
+    assert res.cpus == 0 and res.gpus == 0 and res.tasks and res.tasks >= 1
