@@ -40,8 +40,24 @@ def test_ann_returning_everything_equals_exact(ray_session, index):
                                                   device="cpu"), persistent=persistent)
         try:
             assert_same(shards.search(q, list(MODES), top_k=8, gt_gidx=gt, candidates=cands), want, list(MODES))
+            # without ground truth (no count-above pass): the same lists
+            assert_same(shards.search(q, list(MODES), top_k=8, candidates=cands),
+                        score(q, audios, list(MODES), top_k=8), list(MODES))
         finally:
             shards.close()
+
+
+def test_candidate_rescoring_breaks_exact_ties_by_audio_id(ray_session, tmp_path):
+    """One-hot embeddings (exact dot products, many ties): every audio a candidate, no ground truth:
+    the candidate path gives score()'s lists on every mode, ties by audio id."""
+    store = write_synthetic_index(tmp_path / "ties", 30, 5, seed=8, whole=True, onehot=True)
+    audios = store.load_embeddings()
+    q = make_queries(9, 5, seed=2, onehot=True)
+    shards = ShardSet(store.uri, ShardOptions(shard_chunks=12, num_cpus=0.5, device="cpu"))
+    everything = [np.arange(len(audios.audio_ids))] * 9
+    want = score(q, audios, list(MODES), top_k=7)
+    assert (want["audio-max"].topk_score[:, 1:] == want["audio-max"].topk_score[:, :-1]).any()
+    assert_same(shards.search(q, list(MODES), top_k=7, candidates=everything), want, list(MODES))
 
 
 def test_ann_candidates_are_rescored_exactly(ray_session, index):
