@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from larcq_ray.core.errors import LarcqError
@@ -69,12 +70,19 @@ class TableArtifact:
     def read(self, run_dir: str | Path, columns: Optional[list[str]] = None) -> pa.Table:
         return self.read_from(self.path(run_dir), columns)
 
-    def read_from(self, path: Path, columns: Optional[list[str]] = None) -> pa.Table:
-        path = Path(path)
-        if not path.is_file():
+    def read_from(self, path: str | Path, columns: Optional[list[str]] = None,
+                  filesystem: Optional[pafs.FileSystem] = None) -> pa.Table:
+        """The table at `path`: a local path, or a path inside `filesystem` (an object store's, from
+        core.storage.open_location)."""
+        if filesystem is None:
+            path = Path(path)
+            found = path.is_file()
+        else:
+            found = filesystem.get_file_info(str(path)).type == pafs.FileType.File
+        if not found:
             raise LarcqError(f"no {self.name} at {path}: run `larcq-ray {self.producer}` first")
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(path, filesystem=filesystem)
         except (pa.ArrowInvalid, OSError) as e:
             raise LarcqError(f"{path} exists but is not a readable Parquet file ({e}); move it away") from None
         for name, value in self.defaults.items():

@@ -79,8 +79,8 @@ class Captions:
     failed: dict[str, str]  # audio id -> why it has no caption
 
 
-def load_captions(path: Path) -> Captions:
-    t = artifacts.CAPTIONS.read_from(path).to_pandas()
+def load_captions(path: Path | str, filesystem=None) -> Captions:
+    t = artifacts.CAPTIONS.read_from(path, filesystem=filesystem).to_pandas()
     timeline, windows, failed = {}, defaultdict(list), {}
     for row in t.sort_values(["audio_id", "chunk_index"]).itertuples():
         if row.status != "ok":

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _ADD_ROWS = 65536  # chunk rows added to a FAISS index at once
 
+
 def faiss_module():
     try:
         import faiss

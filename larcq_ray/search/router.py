@@ -143,27 +143,17 @@ class SearchEngine:
     def _load_captions(cfg):
         """Stored captions for rerank (search.serve.captions, else run_dir's captions.parquet); None if none."""
         from larcq_ray import artifacts
-        from larcq_ray.core.storage import is_uri, open_location
+        from larcq_ray.core.storage import open_location
         from larcq_ray.rerank.job import load_captions
 
-        def from_bytes(data: bytes):  # an object store's captions: read once through a local copy
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "captions.parquet").write_bytes(data)
-                return load_captions(Path(tmp) / "captions.parquet")
-
         given = cfg.search.serve.captions
-        if given is None and is_uri(cfg.run_dir):  # the caption job's, if it wrote them there
-            loc = open_location(cfg.run_dir)
-            return from_bytes(loc.read_bytes(artifacts.CAPTIONS.relpath)) if loc.exists(artifacts.CAPTIONS.relpath) \
-                else None
-        if given is not None and is_uri(str(given)):
-            return from_bytes(open_location(str(given)).read_bytes(""))
-        path = given or artifacts.CAPTIONS.path(cfg.run_dir)
-        if given is None and not artifacts.CAPTIONS.exists(cfg.run_dir):
-            return None
-        return load_captions(path)
+        if given is not None:
+            loc, rel = open_location(given), ""
+        else:  # the caption job's, if it wrote them (run_dir may be an object store: read in place)
+            loc, rel = open_location(cfg.run_dir), artifacts.CAPTIONS.relpath
+            if not loc.exists(rel):
+                return None
+        return load_captions(loc.path(rel), filesystem=loc.fs)
 
     def rerank(self, response: SearchResponse, client) -> SearchResponse:
         """Re-order `response`'s results from their captions, as `larcq-ray rerank` does (cfg.rerank)."""
