@@ -187,7 +187,8 @@ def main() -> int:
     ap.add_argument("--factory", default="auto")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[32], help="one or more: every (nprobe, candidates) "
                     "pair is measured")
-    ap.add_argument("--candidates", type=int, nargs="+", default=[256], help="chunks fetched per query row; one or more")
+    ap.add_argument("--candidates", type=lambda v: v if v == "auto" else int(v), nargs="+", default=["auto"],
+                    help="chunks fetched per query row (search.ann.candidates: a number or auto); one or more")
     ap.add_argument("--rescore", type=int, nargs="+", default=[0], help="candidate audios re-scored exactly per query "
                     "(search.ann.rescore; 0: all); one or more")
     ap.add_argument("--train-sample", type=int, default=100_000)
@@ -199,7 +200,7 @@ def main() -> int:
 
     import ray
 
-    from larcq_ray.search.ann import AnnSearcher, ann_state, build_ann, ensure_ann
+    from larcq_ray.search.ann import AnnSearcher, ann_state, build_ann, ensure_ann, resolve_candidates
     from larcq_ray.search.config import AnnConfig
     from larcq_ray.search.scoring import QueryEmbeddings
     from larcq_ray.search.sharded import ShardOptions, ShardSet
@@ -260,7 +261,7 @@ def main() -> int:
     settings = []  # (nprobe, candidates, rescore, seconds, recall, audios re-scored a query)
     for nprobe in args.nprobe:
         ray.get(ann_actor.set_nprobe.remote(nprobe))
-        for n_fetch in args.candidates:
+        for n_fetch in [resolve_candidates(c, n_chunks) for c in args.candidates]:
             for rescore in args.rescore:
                 ann_s, ann = float("inf"), None
                 for _ in range(2):

@@ -214,3 +214,15 @@ def test_search_job_with_ann_writes_the_exact_shortlist(search_corpus, tmp_path)
     for a, e in zip(out["ann"], out["exact"]):
         assert list(a["audio_id"]) == list(e["audio_id"]) and len(a) > 0
         np.testing.assert_allclose(a["score"], e["score"], atol=1e-5)
+
+
+def test_auto_candidates_grow_with_the_index():
+    """search.ann.candidates: auto fetches about chunks / 4096 a query row (a power of two, at least 256):
+    the depths that kept recall@10 >= 0.95 at 1M and 10M chunks in bench_scale.py."""
+    from larcq_ray.search.ann import resolve_candidates
+
+    assert AnnConfig().candidates == "auto"
+    assert [resolve_candidates("auto", n) for n in (10, 1_000_000, 10_000_000, 100_000_000)] == [256, 256, 2048, 32768]
+    assert resolve_candidates(7, 10_000_000) == 7 and AnnConfig(candidates="300").candidates == 300
+    with pytest.raises(ValueError):
+        AnnConfig(candidates=0)

@@ -201,3 +201,64 @@ def test_block_plan_bounds_size_and_padding():
         assert blk.kmax == c.max()
         assert len(c) * blk.kmax <= 64 or len(c) == 1
         assert len(c) * blk.kmax - c.sum() <= 0.25 * len(c) * blk.kmax + blk.kmax
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_candidate_scorer_equals_brute_force_on_each_subset(half):
+    """CandidateScorer (ANN re-scoring in a shard): query q scored against its own subset of audios
+    gives the brute-force top-K of that subset on every mode (ties by audio index, dyadic values so
+    ties are real), and counts the subset's audios that beat a ground truth scored elsewhere."""
+    rng = np.random.default_rng(11)
+    n_a, n_q = 20, 9
+    counts = rng.integers(1, 5, n_a)
+    chunks = _dyadic(rng, int(counts.sum()))
+    audios = AudioEmbeddings([f"a{i}" for i in range(n_a)], chunks.astype(np.float16) if half else chunks,
+                             _offsets(counts), _dyadic(rng, n_a))
+    qc = rng.integers(1, 4, n_q)
+    queries = QueryEmbeddings([f"q{i}" for i in range(n_q)], _dyadic(rng, n_q), _dyadic(rng, int(qc.sum())),
+                              _offsets(qc))
+    subsets = [np.sort(rng.choice(n_a, int(rng.integers(1, n_a + 1)), replace=False)) for i in range(n_q)]
+    subsets[0] = np.empty(0, np.int64)  # no candidate here: an empty, padded list
+    ref = brute_force(queries, audios)
+    # a ground truth per query (its score taken from the whole set), in or out of the subset
+    gt = rng.integers(0, n_a, n_q)
+    gt_score = {m: np.array([ref[m][i, gt[i]] for i in range(n_q)], dtype=np.float32) for m in MODES}
+    gt_score[MODES[0]][3] = np.nan  # a query without ground truth counts nothing
+    inside = [i for i in range(n_q) if gt[i] in subsets[i]]
+    for m in MODES:  # a ground truth scored a little lower elsewhere: it would beat itself, unless excluded
+        gt_score[m][inside[0]] -= 0.125
+    pos = np.array([np.searchsorted(s, g) for s, g in zip(subsets, gt)])
+    exclude = np.array([p if p < len(s) and s[p] == g else -1 for s, g, p in zip(subsets, gt, pos)])
+    # gt_pos and exclude are indices among all audios here (the subset holds global indices)
+    cs = scoring.CandidateScorer(audios)
+    top_i, top_s, above = cs.score(queries, subsets, list(MODES), 4, gt_score=gt_score, gt_pos=gt,
+                                   exclude=np.where(exclude >= 0, gt, -1))
+    n_ties = 0
+    for m in MODES:
+        for i, sub in enumerate(subsets):
+            s = ref[m][i][sub]
+            order = ranking(s)[:4]
+            n_ties += len(s) - len(np.unique(s))
+            k = len(order)
+            np.testing.assert_array_equal(top_i[m][i, :k], sub[order], err_msg=f"{m} query {i}")
+            np.testing.assert_array_equal(top_s[m][i, :k], s[order].astype(np.float32))
+            assert (top_i[m][i, k:] == -1).all() and np.isneginf(top_s[m][i, k:]).all()
+            g = gt_score[m][i]
+            beat = ((s > g) | ((s == g) & (sub < gt[i]))) & (sub != gt[i])  # the ground truth never counts
+            want = 0 if np.isnan(g) else int(beat.sum())
+            assert above[m][i] == want, (m, i)
+    assert n_ties > 50 and len(inside) > 1
+
+
+def test_candidate_scorer_refuses_bad_audios_once():
+    rng = np.random.default_rng(1)
+    queries, audios = make(rng)
+    bad = AudioEmbeddings(audios.audio_ids, audios.chunk_emb.copy(), audios.chunk_offsets, audios.whole_emb)
+    bad.chunk_emb[3, 0] = np.nan
+    with pytest.raises(LarcqError, match="audio chunk embeddings contain NaN"):
+        scoring.CandidateScorer(bad)
+    cs = scoring.CandidateScorer(AudioEmbeddings(audios.audio_ids, audios.chunk_emb, audios.chunk_offsets, None))
+    with pytest.raises(LarcqError, match="need whole-file"):
+        cs.score(queries, [np.arange(3)] * 11, ["none"], 2)
+    with pytest.raises(LarcqError, match="candidate lists"):
+        cs.score(queries, [np.arange(3)] * 2, ["audio-max"], 2)

@@ -71,6 +71,18 @@ def resolve_factory(factory: str, n_rows: int, dim: int) -> str:
     return f"IVF{nlist},PQ{m}"
 
 
+def resolve_candidates(candidates: int | str, n_rows: int) -> int:
+    """Chunks fetched a query row: `candidates`, or for auto about n_rows / 4096 as a power of two, at least
+    256. The depth recall needs grows with the corpus when each event's audios do (bench_scale.py: 256
+    kept recall@10 0.977 at 1M chunks and 0.503 at 10M, where 2,048 gave 0.968)."""
+    if candidates != "auto":
+        n = int(candidates)
+        if n < 1:
+            raise LarcqError(f"search.ann.candidates must be >= 1 or auto, got {candidates}")
+        return n
+    return max(256, int(2 ** round(math.log2(max(1.0, n_rows / 4096)))))
+
+
 def _paths(name: str) -> tuple[str, str, str]:
     return f"ann/{name}.faiss", f"ann/{name}.rows.parquet", f"ann/{name}.json"
 
@@ -260,9 +272,10 @@ class AnnSearcher:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def candidates(self, whole: np.ndarray, chunks: np.ndarray, chunk_offsets: np.ndarray, n: int,
+    def candidates(self, whole: np.ndarray, chunks: np.ndarray, chunk_offsets: np.ndarray, n: int | str,
                    rescore: int = 0) -> list[np.ndarray]:
-        """Per query, the sorted global indices of the audios of the n nearest chunks of each of its rows.
+        """Per query, the sorted global indices of the audios of the n nearest chunks of each of its rows
+        (n: a number or "auto", see resolve_candidates).
 
         rescore > 0 keeps only the `rescore` audios with the best approximate vote: the sum over the
         query's rows (whole query and chunks) of the audio's best similarity among the fetched chunks,
@@ -271,7 +284,7 @@ class AnnSearcher:
         keeps those, so fewer audios are scored exactly."""
         q = len(whole)
         x = np.ascontiguousarray(np.concatenate([whole, chunks]), dtype=np.float32)
-        k = min(int(n), self.ntotal())
+        k = min(resolve_candidates(n, self.ntotal()), self.ntotal())
         sims, rows = self.index.search(x, k)
         owner = np.concatenate([np.arange(q), np.repeat(np.arange(q), np.diff(chunk_offsets))])
         aud = np.where(rows >= 0, self.row_gidx[np.maximum(rows, 0)], -1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,8 +42,10 @@ class AnnConfig(_Strict):
     # Flat under 50,000 chunks, else IVF<about sqrt(chunks)>,PQ<dim/8> (64 bytes a chunk at 512 dimensions)
     factory: str = "auto"
     nprobe: int = Field(32, ge=1)  # IVF lists visited per query row
-    # nearest chunks per query row (the whole query and each query chunk): their audios are the candidates
-    candidates: int = Field(256, ge=1)
+    # nearest chunks per query row (the whole query and each query chunk): their audios are the candidates.
+    # auto: about chunks / 4096, a power of two, at least 256 (256 at 1M chunks, 2048 at 10M: both gave
+    # recall@10 >= 0.95 in benchmarks/bench_scale.py, where each event's audios grow with the corpus)
+    candidates: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = "auto"
     # candidate audios re-scored exactly per query: 0 = all of them; N = the N with the best approximate
     # vote (sum over the query's rows of the audio's best fetched-chunk similarity). Fetch deep, re-score few.
     rescore: int = Field(0, ge=0)

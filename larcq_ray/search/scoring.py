@@ -640,3 +640,124 @@ def count_above(
                     out_score[m][rows] = ts.cpu().numpy()
     tops = {m: ModeScores(m, out_idx[m], out_score[m], None, None) for m in modes} if k else None
     return counts, tops
+
+
+# ---------------------------------------------------------------- candidates (ANN re-scoring)
+
+
+class CandidateScorer:
+    """Exact scores of a few audios per query (ANN candidates) among audios held in memory (a shard).
+
+    The audios are checked once, here; each query then costs one gather of its candidates' chunk
+    rows, one small matmul and per-audio reductions. score() on each query's subset gave the same
+    numbers but spent two thirds of its time re-checking, re-planning and re-padding every call
+    (benchmarks/bench_scale.py). Same arithmetic as score(): chunk rows widened to float32, audio
+    sums from float32 chunk sums, ties by audio index."""
+
+    def __init__(self, audios: AudioEmbeddings, device: str = "cpu"):
+        n = len(audios.audio_ids)
+        if n == 0:
+            raise LarcqError("there are no audios to search")
+        self.dev = _device(device)
+        chunks = _matrix(audios.chunk_emb, "audio chunk embeddings", keep_half=True)
+        self.off = _offsets(audios.chunk_offsets, n, len(chunks), "audio chunk_offsets", "audio")
+        _finite(chunks, "audio chunk embeddings")
+        self.counts = np.diff(self.off)
+        self.dim = chunks.shape[1]
+        self.chunks = _tensor(chunks, self.dev)
+        self.whole = None
+        if audios.whole_emb is not None:
+            whole = _matrix(audios.whole_emb, "audio whole-file embeddings", rows=n, dim=self.dim, keep_half=True)
+            _finite(whole, "audio whole-file embeddings")
+            self.whole = _tensor(whole, self.dev)
+        self._sums: torch.Tensor | None = None
+
+    def _chunk_sums(self) -> torch.Tensor:
+        """(A, D) float32 chunk sums, made on first use (only sum modes need them), as _AudioSide makes them."""
+        if self._sums is None:
+            import torch
+
+            seg = torch.from_numpy(np.repeat(np.arange(len(self.counts)), self.counts)).to(self.dev)
+            sums = torch.zeros((len(self.counts), self.dim), dtype=torch.float32, device=self.dev)
+            for a in range(0, len(self.chunks), _WIDEN_ROWS):
+                sums.index_add_(0, seg[a:a + _WIDEN_ROWS], self.chunks[a:a + _WIDEN_ROWS].float())
+            self._sums = sums
+        return self._sums
+
+    def score(self, queries: QueryEmbeddings, local: Sequence[np.ndarray], modes: Sequence[str], top_k: int,
+              gt_score: dict[str, np.ndarray] | None = None, gt_pos: np.ndarray | None = None,
+              exclude: np.ndarray | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """Query q against the audios local[q] (sorted, unique indices) only.
+
+        Returns ({mode: (Q, k) audio indices, -1 padded}, {mode: (Q, k) scores, -inf padded},
+        {mode: (Q,) candidates that beat the ground truth} or None). The ground-truth arguments are
+        count_above's: gt_score[mode] (Q,) (nan: none), gt_pos (Q,) where it sorts among these
+        audios, exclude (Q,) an index never counted (-1: none)."""
+        import torch
+
+        modes = _check_modes(modes, self.whole is not None)
+        n_q = len(queries.query_ids)
+        if len(local) != n_q:
+            raise LarcqError(f"{len(local)} candidate lists for {n_q} queries")
+        q_whole = _matrix(queries.whole_emb, "query embeddings", rows=n_q, dim=self.dim)
+        q_chunks = _matrix(queries.chunk_emb, "query chunk embeddings", dim=self.dim)
+        q_off = _offsets(queries.chunk_offsets, n_q, len(q_chunks), "query chunk_offsets", "query")
+        _finite(q_whole, "query embeddings")
+        _finite(q_chunks, "query chunk embeddings")
+        pieces, need, _, _, _ = _plan(modes)
+        k = int(top_k)
+        top_i = {m: np.full((n_q, k), -1, dtype=np.int64) for m in modes}
+        top_s = {m: np.full((n_q, k), -np.inf, dtype=np.float32) for m in modes}
+        above = {m: np.zeros(n_q, dtype=np.int64) for m in modes} if gt_score is not None else None
+        with torch.inference_mode():
+            qw_t, qc_t = _tensor(q_whole, self.dev), _tensor(q_chunks, self.dev)
+            for q in range(n_q):  # a loop over queries; each is a handful of array operations
+                loc = np.asarray(local[q], dtype=np.int64)
+                if len(loc) == 0:
+                    continue
+                rows = {"w": qw_t[q:q + 1], "c": qc_t[int(q_off[q]):int(q_off[q + 1])]}
+                got = self._pieces(loc, rows, need)
+                for m, (r, c) in pieces.items():
+                    s = got[(r, c)]
+                    s = s[0] if r == "w" else (s.amax(0) if _SIDES[m][1] == "max" else s.sum(0))
+                    s = s.cpu().numpy()
+                    order = np.lexsort((loc, -s))[:k]  # score desc, audio index asc
+                    top_i[m][q, :len(order)] = loc[order]
+                    top_s[m][q, :len(order)] = s[order]
+                    if above is not None:
+                        g = np.float32(gt_score[m][q])
+                        if not np.isnan(g):
+                            beat = (s > g) | ((s == g) & (loc < gt_pos[q]))
+                            above[m][q] = int(beat.sum()) - int(bool(beat[loc == exclude[q]].any()))
+        return top_i, top_s, above
+
+    def _pieces(self, loc: np.ndarray, rows: dict[str, torch.Tensor], need: set[tuple[str, str]]
+                ) -> dict[tuple[str, str], torch.Tensor]:
+        """{(query rows, audio columns): (rows, len(loc)) scores} for the audios loc."""
+        import torch
+
+        out: dict[tuple[str, str], torch.Tensor] = {}
+        loc_t = torch.from_numpy(loc).to(self.dev)
+        grid_rows = [r for r in ("w", "c") if (r, "G") in need]
+        if grid_rows:
+            cnt = self.counts[loc]
+            starts = np.cumsum(cnt) - cnt
+            idx = np.repeat(self.off[loc] - starts, cnt) + np.arange(int(cnt.sum()))
+            e = self.chunks.index_select(0, torch.from_numpy(idx).to(self.dev)).float()
+            r = torch.cat([rows[x] for x in grid_rows])
+            g = r @ e.T  # (rows, chunks of loc)
+            # max over each audio's chunks: a (n, kmax) gather of its columns, short audios repeating their last
+            kmax = int(cnt.max())
+            pad = starts[:, None] + np.minimum(np.arange(kmax)[None, :], cnt[:, None] - 1)
+            g = g.index_select(1, torch.from_numpy(pad.reshape(-1)).to(self.dev)).unflatten(1, (len(loc), kmax)).amax(2)
+            for x, part in zip(grid_rows, g.split([len(rows[y]) for y in grid_rows])):
+                out[(x, "G")] = part
+        for col in ("W", "S"):
+            want = [r for r in ("w", "c") if (r, col) in need]
+            if want:
+                src = self._chunk_sums() if col == "S" else self.whole
+                e = src.index_select(0, loc_t).float()
+                for x in want:
+                    out[(x, col)] = rows[x] @ e.T
+        return out

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from larcq_ray.core.errors import LarcqError
 from larcq_ray.index.store import AudioEmbeddings, IndexStore
-from larcq_ray.search.scoring import QueryEmbeddings, count_above, score
+from larcq_ray.search.scoring import CandidateScorer, QueryEmbeddings, count_above, score
 
 
 @dataclass
@@ -66,20 +66,6 @@ def plan_shards(files: pa.Table, shard_chunks: int) -> list[Shard]:
     return out
 
 
-def subset_audios(audios: AudioEmbeddings, local: np.ndarray) -> AudioEmbeddings:
-    """The audios at sorted indices `local`, their chunks gathered (one fancy index, no loop)."""
-    off = audios.chunk_offsets
-    cnt = off[local + 1] - off[local]
-    starts = np.cumsum(cnt) - cnt
-    rows = np.repeat(off[local] - starts, cnt) + np.arange(int(cnt.sum()))
-    return AudioEmbeddings(
-        audio_ids=[audios.audio_ids[i] for i in local.tolist()],
-        chunk_emb=audios.chunk_emb[rows],
-        chunk_offsets=np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64),
-        whole_emb=None if audios.whole_emb is None else audios.whole_emb[local],
-    )
-
-
 @dataclass
 class ShardResult:
     """What a shard sends back: indices and scores, never embeddings."""
@@ -116,6 +102,7 @@ class ShardScorer:
                              f"{missing[:3]}) or changed during search; re-run `larcq-ray index`")
         self.gidx = np.asarray(gidx, dtype=np.int64)
         self.device = _device(device)
+        self._candidates: CandidateScorer | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -155,45 +142,22 @@ class ShardScorer:
                           gt_gidx: np.ndarray | None = None, chunk_block: int = 65536) -> ShardResult:
         """Like search(), but query q is scored exactly against its candidates (global indices) that
         this shard holds, and nothing else. Queries without candidates here get empty lists (k = 0
-        columns padded with index -1 and score -inf)."""
-        import torch
-
-        n_q = len(queries.query_ids)
-        k = int(top_k)
-        top_g = {m: np.full((n_q, k), -1, dtype=np.int64) for m in modes}
-        top_s = {m: np.full((n_q, k), -np.inf, dtype=np.float32) for m in modes}
-        above = {m: np.zeros(n_q, dtype=np.int64) for m in modes} if gt_score is not None else None
-        with torch.inference_mode():
-            for q in range(n_q):
-                cand = np.asarray(candidates[q], dtype=np.int64)
-                pos = np.searchsorted(self.gidx, cand)
-                ok = (pos < len(self.gidx)) & (self.gidx[np.minimum(pos, len(self.gidx) - 1)] == cand)
-                local = np.unique(pos[ok])
-                if len(local) == 0:
-                    continue
-                sub = subset_audios(self.audios, local)
-                sub_g = self.gidx[local]
-                one = _one_query(queries, q)
-                if gt_score is None:
-                    res = score(one, sub, modes, top_k=k, query_block=1, chunk_block=chunk_block, device=self.device)
-                    cnt = None
-                else:
-                    p, ex = self._thresholds(sub_g, np.asarray(gt_gidx[q:q + 1], dtype=np.int64))
-                    cnt, res = count_above(one, sub, modes, {m: gt_score[m][q:q + 1] for m in modes}, p, ex,
-                                           top_k=k, query_block=1, chunk_block=chunk_block, device=self.device)
-                for m, r in res.items():
-                    kk = r.topk_index.shape[1]
-                    top_g[m][q, :kk] = sub_g[r.topk_index[0]]
-                    top_s[m][q, :kk] = r.topk_score[0]
-                    if cnt is not None:
-                        above[m][q] = cnt[m][0]
+        columns padded with index -1 and score -inf). chunk_block: unused (a query's candidates are one block)."""
+        if self._candidates is None:  # checked once, then every call only gathers its candidates
+            self._candidates = CandidateScorer(self.audios, self.device)
+        local = []
+        for c in candidates:
+            cand = np.asarray(c, dtype=np.int64)
+            pos = np.searchsorted(self.gidx, cand)
+            ok = (pos < len(self.gidx)) & (self.gidx[np.minimum(pos, len(self.gidx) - 1)] == cand)
+            local.append(np.unique(pos[ok]))
+        gt = {}
+        if gt_score is not None:
+            pos, excl = self._thresholds(self.gidx, np.asarray(gt_gidx, dtype=np.int64))
+            gt = dict(gt_score=gt_score, gt_pos=pos, exclude=excl)
+        top_l, top_s, above = self._candidates.score(queries, local, modes, int(top_k), **gt)
+        top_g = {m: np.where(v >= 0, self.gidx[np.maximum(v, 0)], -1) for m, v in top_l.items()}
         return ShardResult(top_g, top_s, above, self.n_chunks, self.audios.whole_emb is not None)
-
-
-def _one_query(queries: QueryEmbeddings, q: int) -> QueryEmbeddings:
-    a, b = int(queries.chunk_offsets[q]), int(queries.chunk_offsets[q + 1])
-    return QueryEmbeddings([queries.query_ids[q]], queries.whole_emb[q:q + 1], queries.chunk_emb[a:b],
-                           np.array([0, b - a], dtype=np.int64))
 
 
 def gt_scores(index_uri: str, files: pa.Table, gidx: np.ndarray, queries: QueryEmbeddings, gt_gidx: np.ndarray,
