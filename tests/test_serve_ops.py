@@ -55,6 +55,50 @@ def rerank_url(ray_session):
             serve.shutdown()
 
 
+def test_a_replica_no_node_can_hold_stops_the_start_with_a_clear_error(rerank_url, ray_session):
+    """Serve waits forever for resources no node has (a GPU on this CPU cluster): the start gives up
+    after start_timeout_s with an error that says what to change, removes the pending app, and the
+    running service is untouched."""
+    from ray import serve
+
+    from larcq_ray.core.errors import LarcqError
+    from larcq_ray.rerank.app import run_server
+
+    port = int(rerank_url.rsplit(":", 1)[1].split("/")[0])
+    cfg = RerankServeConfig(host="127.0.0.1", port=port, num_cpus=0.5, num_gpus=1.0, route_prefix="/nogpu",
+                            start_timeout_s=3)
+    t0 = time.monotonic()
+    with pytest.raises(LarcqError, match=r"rerank service was not running after 3 s .*num_gpus"):
+        run_server(cfg, blocking=False, app_name="nogpu-rerank")
+    assert time.monotonic() - t0 < 60
+    deadline = time.monotonic() + 30
+    while "nogpu-rerank" in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "nogpu-rerank" not in serve.status().applications
+    r = httpx.post(f"{rerank_url}/rerank", json={"query": "rain", "documents": DOCS}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_a_replica_that_cannot_load_its_model_fails_the_start(rerank_url, ray_session, tmp_path):
+    """A replica whose constructor raises (no model in the folder named): Serve gives up on the app,
+    and the start says so with Serve's reason instead of a traceback, leaving no app behind."""
+    from ray import serve
+
+    from larcq_ray.core.errors import LarcqError
+    from larcq_ray.rerank.app import run_server
+    from larcq_ray.rerank.config import RerankBackendConfig
+
+    port = int(rerank_url.rsplit(":", 1)[1].split("/")[0])
+    cfg = RerankServeConfig(host="127.0.0.1", port=port, num_cpus=0.5, route_prefix="/nomodel", start_timeout_s=120,
+                            backend=RerankBackendConfig(kind="bi-encoder", model=str(tmp_path / "no_model_here")))
+    with pytest.raises(LarcqError, match="rerank service failed to start: .*no_model_here"):
+        run_server(cfg, blocking=False, app_name="nomodel-rerank")
+    deadline = time.monotonic() + 30
+    while "nomodel-rerank" in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "nomodel-rerank" not in serve.status().applications
+
+
 def _metrics_url(ray) -> str:
     port = ray._private.worker.global_worker.node.metrics_export_port
     assert port == ray.nodes()[0]["MetricsExportPort"]

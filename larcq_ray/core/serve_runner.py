@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class ServeApp:
     route_prefix: str
     what: str  # for messages: "rerank", "search"
     entry: str  # the main path, for the log line: "/rerank"
+    start_timeout_s: float = 1800.0  # not RUNNING by then: a LarcqError, not a wait forever
 
 
 def serve_logging_config():
@@ -63,13 +65,72 @@ def start_apps(apps: list[ServeApp], host: str, port: int) -> str:
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     for app in apps:
         try:
-            serve.run(app.build(), name=app.name, route_prefix=app.route_prefix, logging_config=logging_config)
+            # not serve.run: it waits for RUNNING with no limit, forever when no node can hold a replica
+            serve.run_many([serve.RunTarget(app.build(), name=app.name, route_prefix=app.route_prefix,
+                                            logging_config=logging_config)], wait_for_applications_running=False)
+            wait_running(app)
         except LarcqError:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. the model or the index failed to load in the replica
             raise LarcqError(f"the {app.what} service failed to start: {e}") from e
         log.info("%s service at http://%s:%s%s%s", app.what, host, port, app.route_prefix.rstrip("/"), app.entry)
     return f"http://{host}:{port}"
+
+
+def wait_running(app: ServeApp, poll_s: float = 0.5) -> None:
+    """Until `app` is RUNNING. DEPLOY_FAILED (a replica's constructor raised) is a LarcqError with
+    Serve's message; so is still deploying after app.start_timeout_s, with what the deployments wait
+    for (Serve says after 30 s when a replica's resources are on no node: required and available).
+    That wait is also said once as a warning, since an autoscaling cluster may yet add the node."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    t0 = time.monotonic()
+    said = False
+    while True:
+        st = serve.status().applications.get(app.name)
+        msgs = [] if st is None else [d.message for d in st.deployments.values() if d.message]
+        if st is not None and st.status == ApplicationStatus.RUNNING:
+            return
+        if st is not None and st.status == ApplicationStatus.DEPLOY_FAILED:
+            _delete(app)
+            why = "; ".join(_reason(m) for m in msgs) or st.message
+            raise LarcqError(f"the {app.what} service failed to start: {why} (the replica logs under Ray's session "
+                             "logs have the traceback)")
+        waiting = [m for m in msgs if "to be scheduled" in m]
+        if waiting and not said:
+            log.warning("the %s service is waiting for resources: %s", app.what, waiting[0])
+            said = True
+        if time.monotonic() - t0 > app.start_timeout_s:
+            _delete(app)  # its pending replicas would keep asking for the resources
+            why = "; ".join(msgs) or (f"status {st.status}" if st is not None else "no status yet")
+            raise LarcqError(
+                f"the {app.what} service was not running after {app.start_timeout_s:g} s ({why}). If no node "
+                "has the resources a replica asks for, lower its num_cpus / num_gpus or add nodes; if it is "
+                "still loading, raise start_timeout_s")
+        time.sleep(poll_s)
+
+
+_EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)\w*): (.+)$")
+
+
+def _reason(message: str) -> str:
+    """The root exception of a Serve deployment message (a replica's chained tracebacks): its first
+    `SomeError: text` line that is not a wrapped traceback; a LarcqError's text as is."""
+    for line in message.splitlines():
+        m = _EXC_LINE.match(line.strip())
+        if m and not m.group(2).startswith("Traceback"):
+            return m.group(2) if m.group(1) == "LarcqError" else f"{m.group(1)}: {m.group(2)}"
+    return message.strip().splitlines()[0][:300] if message.strip() else ""
+
+
+def _delete(app: ServeApp) -> None:
+    from ray import serve
+
+    try:
+        serve.delete(app.name, _blocking=False)
+    except Exception as e:  # noqa: BLE001 - the caller's error matters more
+        log.debug("could not delete the %s app: %s", app.what, e)
 
 
 def wait_until_stopped(apps: list[ServeApp]) -> None:

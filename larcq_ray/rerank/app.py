@@ -63,7 +63,7 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 
 def rerank_app(cfg: RerankServeConfig, app_name: str = APP_NAME) -> ServeApp:
-    return ServeApp(app_name, lambda: build_app(cfg), cfg.route_prefix, "rerank", "/rerank")
+    return ServeApp(app_name, lambda: build_app(cfg), cfg.route_prefix, "rerank", "/rerank", cfg.start_timeout_s)
 
 
 def run_server(cfg: RerankServeConfig, blocking: bool = True, app_name: str = APP_NAME) -> str:

@@ -76,6 +76,9 @@ class RerankServeConfig(BaseModel):
     # `larcq-ray serve` also runs the /search app (search.serve settings, this host:port, under
     # search.serve.route_prefix); its `rerank: true` then reaches this app through a Serve handle
     search: bool = False
+    # a replica not running by then (its resources exist on no node, or loading hangs) stops the
+    # start with an error naming what Serve waits for, instead of waiting forever
+    start_timeout_s: float = Field(1800.0, gt=0)
 
     @pydantic.field_validator("route_prefix")
     @classmethod

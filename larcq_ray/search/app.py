@@ -31,7 +31,8 @@ def build_app(cfg) -> Application:
 
 
 def search_app(cfg, app_name: str = APP_NAME) -> ServeApp:
-    return ServeApp(app_name, lambda: build_app(cfg), cfg.search.serve.route_prefix, "search", "/")
+    return ServeApp(app_name, lambda: build_app(cfg), cfg.search.serve.route_prefix, "search", "/",
+                    cfg.search.serve.start_timeout_s)
 
 
 def check_index(cfg) -> None:

@@ -35,6 +35,9 @@ class SearchServeConfig(BaseModel):
     audio_link_ttl_s: int = Field(900, ge=1)
     # None: taken from $LARCQ_SEARCH_API_KEY where the config is built (driver / Serve controller)
     api_key: Optional[str] = None
+    # a replica not running by then (no node has its CPUs, or loading hangs): an error naming what
+    # Serve waits for, not a wait forever
+    start_timeout_s: float = Field(1800.0, gt=0)
 
     @pydantic.field_validator("route_prefix")
     @classmethod
