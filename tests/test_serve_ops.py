@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from larcq_ray.rerank.config import API_KEY_ENV, RerankServeConfig
-from larcq_ray.rerank.metrics import ServiceMetrics
+from larcq_ray.core.service_metrics import ServiceMetrics
 
 APP = "ops-rerank"
 DOCS = ["rain falls on a tin roof", "a dog is barking loudly", "a car passes by on a wet street"]
@@ -192,7 +192,7 @@ def _poll_until(url: str, ok, describe, timeout_s: float = 40.0) -> str:
 
 
 def test_service_metrics_are_noops_outside_ray():
-    code = ("from larcq_ray.rerank.metrics import ServiceMetrics\n"
+    code = ("from larcq_ray.core.service_metrics import ServiceMetrics\n"
             "import ray; assert not ray.is_initialized()\n"
             "m = ServiceMetrics()\n"
             "assert m.app == 'larcq', m.app\n"

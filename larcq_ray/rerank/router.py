@@ -40,7 +40,7 @@ from larcq_ray.rerank.protocol import (
     RerankResponse,
 )
 from larcq_ray.rerank.config import RerankServeConfig
-from larcq_ray.rerank.metrics import install_request_metrics
+from larcq_ray.core.service_metrics import install_request_metrics
 from larcq_ray.rerank.serving import BackendError, RerankServing
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from ray import serve
 
 from larcq_ray.core.devices import free_accelerator_memory, is_out_of_memory
 from larcq_ray.rerank.backends import RerankBackend
-from larcq_ray.rerank.metrics import ServiceMetrics
+from larcq_ray.core.service_metrics import ServiceMetrics
 from larcq_ray.rerank.protocol import RerankRequest, RerankResponse, RerankResult, RerankUsage
 
 Pair = tuple[str, list[str]]  # (query, documents): one request as the backend sees it

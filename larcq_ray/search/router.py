@@ -58,7 +58,7 @@ from larcq_ray.rerank.router import (
     parse_json,
     read_body,
 )
-from larcq_ray.rerank.metrics import install_request_metrics
+from larcq_ray.core.service_metrics import install_request_metrics
 from larcq_ray.search import audio_tokens
 from larcq_ray.search.config import MODES
 from larcq_ray.search.protocol import SearchHealthResponse, SearchRequest, SearchResponse, SearchResult, Window
