@@ -20,6 +20,13 @@ def index(tmp_path_factory):
     return write_synthetic_index(tmp_path_factory.mktemp("ann") / "index", 60, 16, seed=4, whole=True)
 
 
+def _built(index, cfg: AnnConfig):
+    """(searcher, ok files) of an ANN index built with cfg on the module's index."""
+    build_ann(index.uri, cfg, shard_chunks=40, num_cpus=0.5)
+    files = index.ok_files()
+    return AnnSearcher(index.uri, cfg.name, files.column("audio_id"), cfg.nprobe), files
+
+
 def test_ann_returning_everything_equals_exact(ray_session, index):
     # IVF with every list probed and more candidates per row than chunks: every audio is a candidate
     cfg = AnnConfig(factory="IVF4,Flat", nprobe=4, candidates=10_000, train_sample=1000)
@@ -63,9 +70,7 @@ def test_candidate_rescoring_breaks_exact_ties_by_audio_id(ray_session, tmp_path
 def test_ann_candidates_are_rescored_exactly(ray_session, index):
     """Few candidates: the lists hold only candidates, with their exact scores."""
     cfg = AnnConfig(name="small", factory="Flat", candidates=3)
-    build_ann(index.uri, cfg, shard_chunks=40, num_cpus=0.5)
-    files = index.ok_files()
-    ann = AnnSearcher(index.uri, "small", files.column("audio_id"), cfg.nprobe)
+    ann, _ = _built(index, cfg)
     q = make_queries(4, 16, seed=9)
     cands = ann.candidates(q.whole_emb, q.chunk_emb, q.chunk_offsets, cfg.candidates)
     shards = ShardSet(index.uri, ShardOptions(shard_chunks=40, num_cpus=0.5, device="cpu"))
@@ -104,9 +109,7 @@ def test_rescore_keeps_the_audios_with_the_best_vote(index):
     """With exact similarities (Flat) and every chunk fetched, the vote of an audio is its whole-query
     audio-max score plus its audio-max+query-sum score: rescore=r keeps exactly the r best by that."""
     cfg = AnnConfig(name="vote", factory="Flat", candidates=10_000)
-    build_ann(index.uri, cfg, shard_chunks=40, num_cpus=0.5)
-    files = index.ok_files()
-    ann = AnnSearcher(index.uri, "vote", files.column("audio_id"), cfg.nprobe)
+    ann, files = _built(index, cfg)
     q = make_queries(5, 16, seed=21)
     full = ann.candidates(q.whole_emb, q.chunk_emb, q.chunk_offsets, cfg.candidates)
     kept = ann.candidates(q.whole_emb, q.chunk_emb, q.chunk_offsets, cfg.candidates, rescore=7)

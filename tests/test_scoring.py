@@ -262,3 +262,18 @@ def test_candidate_scorer_refuses_bad_audios_once():
         cs.score(queries, [np.arange(3)] * 11, ["none"], 2)
     with pytest.raises(LarcqError, match="candidate lists"):
         cs.score(queries, [np.arange(3)] * 2, ["audio-max"], 2)
+
+
+def test_candidate_benchmark_runs_and_agrees_with_the_baseline():
+    """benchmarks/bench_candidates.py at a small size: it exits 1 when CandidateScorer's top 10 differ
+    from score() on each query's gathered candidates, so this also checks they agree on random data."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_candidates.py"
+    p = subprocess.run([sys.executable, str(script), "--chunks", "20000", "--queries", "6", "--candidates", "50",
+                        "--dim", "32"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("candidates: chunks=") and "speedup=" in last, last

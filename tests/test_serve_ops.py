@@ -244,3 +244,43 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path):
     assert took < 60
     with pytest.raises(httpx.HTTPError):  # the port is closed: Serve and the local Ray are gone
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_start_wait_says_what_serve_waits_for_and_gives_up(monkeypatch, caplog):
+    """wait_running's reading of serve.status() (Serve posts its resource message only after 30 s,
+    too slow for the live test above): the message is logged once as a warning, the timeout's error
+    carries it, and the app is deleted. A failed deployment's chained traceback gives its root line."""
+    import logging
+    from types import SimpleNamespace
+
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    from larcq_ray.core.errors import LarcqError
+    from larcq_ray.core.serve_runner import ServeApp, _reason, wait_running
+
+    waiting = ("Deployment 'RerankDeployment' in application 'x' has 1 replicas that have taken more than 30s to be "
+               "scheduled. ... Resources required for each replica: {\"CPU\": 1, \"GPU\": 1}, total resources "
+               "available: {\"CPU\": 2.0}.")
+    status = SimpleNamespace(applications={"x": SimpleNamespace(
+        status=ApplicationStatus.DEPLOYING, message="",
+        deployments={"RerankDeployment": SimpleNamespace(message=waiting)})})
+    deleted = []
+    monkeypatch.setattr(serve, "status", lambda: status)
+    monkeypatch.setattr(serve, "delete", lambda name, _blocking=True: deleted.append(name))
+    app = ServeApp("x", None, "/", "rerank", "/rerank", start_timeout_s=0.3)
+    with caplog.at_level(logging.WARNING, logger="larcq_ray.core.serve_runner"):
+        with pytest.raises(LarcqError, match=r"not running after 0.3 s .*Resources required for each replica"):
+            wait_running(app, poll_s=0.05)
+    assert [r.message.count("Resources required") for r in caplog.records] == [1]  # said once, not per poll
+    assert deleted == ["x"]
+
+    failed = ("The deployment failed to start 3 times in a row. Error:\n  File \"a.py\", line 1\n"
+              "RuntimeError: Traceback (most recent call last):\n  File \"b.py\", line 2\n"
+              "FileNotFoundError: Path /m/no_model_here not found\n\nThe above exception ...\nRuntimeError: wrapped")
+    assert _reason(failed) == "FileNotFoundError: Path /m/no_model_here not found"
+    assert _reason("x\nlarcq_ray.core.errors.LarcqError: the index is gone") == "the index is gone"
+    status.applications["x"] = SimpleNamespace(status=ApplicationStatus.DEPLOY_FAILED, message="Failed to update",
+                                               deployments={"D": SimpleNamespace(message=failed)})
+    with pytest.raises(LarcqError, match=r"rerank service failed to start: FileNotFoundError: Path /m/no_model_here"):
+        wait_running(app, poll_s=0.05)
